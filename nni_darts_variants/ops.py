@@ -1,0 +1,126 @@
+"""The DARTS candidate operations (Liu et al., ICLR 2019), for search and for retraining.
+
+The same classes build both networks. The search network of the official code uses non-affine batch norm inside
+cells and follows each pooling with a batch norm (``affine=False, pool_bn=True``); the evaluation network uses affine
+batch norm and bare pools (``affine=True, pool_bn=False``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'PRIMITIVES', 'OPS', 'build_op', 'Zero', 'FactorizedReduce', 'ReLUConvBN', 'SepConv', 'DilConv', 'PoolBN',
+]
+
+#: The DARTS search-space operations, in the official order (``none`` first).
+PRIMITIVES: tuple[str, ...] = (
+    'none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect',
+    'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5',
+)
+
+
+class Zero(nn.Module):
+    """The ``none`` operation: a zero tensor of the output shape (strided on reduction edges)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.)
+        return x[:, :, ::self.stride, ::self.stride].mul(0.)
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU, convolution, batch norm: the cell input preprocessing."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise (dilated) convolution, pointwise convolution, batch norm."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
+                 affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c_in,
+                      bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """The DARTS separable convolution: the depthwise-pointwise block applied twice (stride only in the first)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            DilConv(c_in, c_in, kernel_size, stride, padding, 1, affine=affine),
+            DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine=affine),
+        )
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two offset stride-2 1x1 convolutions, concatenated (``skip_connect`` at stride 2)."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool = True):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f'FactorizedReduce needs an even number of output channels, got {c_out}')
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = x[:, :, 1:, 1:]
+        if x.shape[-1] % 2 or x.shape[-2] % 2:  # odd sizes: pad so both branches give ceil(size / 2)
+            shifted = nn.functional.pad(shifted, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class PoolBN(nn.Sequential):
+    """3x3 max or average pooling, followed by a batch norm in the search network."""
+
+    def __init__(self, kind: str, channels: int, stride: int, affine: bool = True, bn: bool = True):
+        if kind == 'max':
+            pool: nn.Module = nn.MaxPool2d(3, stride=stride, padding=1)
+        elif kind == 'avg':
+            pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+        else:
+            raise ValueError(f"pool kind must be 'max' or 'avg', got {kind!r}")
+        layers = [pool] + ([nn.BatchNorm2d(channels, affine=affine)] if bn else [])
+        super().__init__(*layers)
+
+
+OpFactory = Callable[[int, int, bool, bool], nn.Module]
+
+#: Factories ``(channels, stride, affine, pool_bn) -> module`` for every DARTS primitive.
+OPS: dict[str, OpFactory] = {
+    'none': lambda c, s, affine, pool_bn: Zero(s),
+    'max_pool_3x3': lambda c, s, affine, pool_bn: PoolBN('max', c, s, affine, pool_bn),
+    'avg_pool_3x3': lambda c, s, affine, pool_bn: PoolBN('avg', c, s, affine, pool_bn),
+    'skip_connect': lambda c, s, affine, pool_bn: nn.Identity() if s == 1 else FactorizedReduce(c, c, affine),
+    'sep_conv_3x3': lambda c, s, affine, pool_bn: SepConv(c, c, 3, s, 1, affine),
+    'sep_conv_5x5': lambda c, s, affine, pool_bn: SepConv(c, c, 5, s, 2, affine),
+    'dil_conv_3x3': lambda c, s, affine, pool_bn: DilConv(c, c, 3, s, 2, 2, affine),
+    'dil_conv_5x5': lambda c, s, affine, pool_bn: DilConv(c, c, 5, s, 4, 2, affine),
+}
+
+
+def build_op(name: str, channels: int, stride: int, affine: bool, pool_bn: bool = False) -> nn.Module:
+    """Build one DARTS operation by name; an unknown name lists the valid ones."""
+    if name not in OPS:
+        raise ValueError(f'unknown operation {name!r}; valid operations: {", ".join(OPS)}')
+    return OPS[name](channels, stride, affine, pool_bn)

@@ -1,0 +1,99 @@
+"""The strategy registry: one class per name, built from keyword arguments checked against its signature."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from typing import Any
+
+__all__ = ['register_strategy', 'list_strategies', 'get_strategy', 'create_strategy', 'BUILTIN_STRATEGIES']
+
+#: Built-in strategies: name -> (module, one-line description). A module registers its class when imported, which
+#: happens only when the strategy is used; a name whose module is not installed is not listed.
+BUILTIN_STRATEGIES: dict[str, tuple[str, str]] = {
+    'darts': ('nni_darts_variants.strategies.darts',
+              'DARTS (Liu et al. 2019): softmax-mixed ops, first order or unrolled second order (order=2)'),
+    'pcdarts': ('nni_darts_variants.strategies.pcdarts',
+                'PC-DARTS (Xu et al. 2020): partial channel connections (1/K) and edge normalization'),
+    'gdas': ('nni_darts_variants.strategies.gdas',
+             'GDAS (Dong & Yang 2019): hard Gumbel-max sampling, one op per edge, straight-through gradients'),
+    'proxyless': ('nni_darts_variants.strategies.proxyless',
+                  'ProxylessNAS (Cai et al. 2019): binarized paths, one path per weight step, two per arch step'),
+    'parsec': ('nni_darts_variants.strategies.parsec',
+               'PARSEC (Casale et al. 2019): sampled child networks, importance-weighted empirical Bayes'),
+    'pdarts': ('nni_darts_variants.strategies.pdarts',
+               'P-DARTS (Chen et al. 2019): progressive depth 5/11/17 cells, op pruning 8/5/3/1, skip limits'),
+    'mergenas': ('nni_darts_variants.strategies.mergenas',
+                 'MergeNAS (Wang et al. 2020): the convolutions of an edge merged into one masked kernel'),
+    'dropnas': ('nni_darts_variants.strategies.dropnas',
+                'DropNAS (Hong et al. 2020): grouped operation dropout for one-level DARTS'),
+}
+
+_registry: dict[str, type] = {}
+
+
+def _available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def register_strategy(cls: type | None = None, *, name: str | None = None) -> Any:
+    """Register a strategy class under ``name`` (default: its ``name`` attribute). Usable as a decorator.
+
+    A name that is already taken (by a registered class or a built-in) raises ``ValueError``.
+    """
+    def _register(klass: type) -> type:
+        key = name or getattr(klass, 'name', '')
+        if not key:
+            raise ValueError(f'{klass.__name__} has no name; pass name=... or set the class attribute `name`')
+        builtin = BUILTIN_STRATEGIES.get(key)
+        if key in _registry or (builtin is not None and builtin[0] != klass.__module__):
+            raise ValueError(f'a strategy named {key!r} is already registered; choose another name')
+        _registry[key] = klass
+        return klass
+    return _register(cls) if cls is not None else _register
+
+
+def list_strategies() -> dict[str, str]:
+    """``{name: one-line description}`` of every available strategy, without importing the built-in ones."""
+    result = {name: desc for name, (module, desc) in BUILTIN_STRATEGIES.items() if _available(module)}
+    for key, klass in _registry.items():
+        result.setdefault(key, getattr(klass, 'description', '') or (klass.__doc__ or '').strip().split('\n')[0])
+    return dict(sorted(result.items()))
+
+
+def get_strategy(name: str) -> type:
+    """The strategy class registered as ``name``; an unknown name lists the valid ones."""
+    if name not in _registry and name in BUILTIN_STRATEGIES and _available(BUILTIN_STRATEGIES[name][0]):
+        importlib.import_module(BUILTIN_STRATEGIES[name][0])
+    if name in _registry:
+        return _registry[name]
+    raise ValueError(f'unknown strategy {name!r}; valid strategies: {", ".join(list_strategies())}')
+
+
+def strategy_parameters(klass: type) -> dict[str, inspect.Parameter]:
+    """Keyword parameters a strategy class accepts (its own and, through ``**kwargs``, its bases')."""
+    params: dict[str, inspect.Parameter] = {}
+    for base in klass.__mro__:
+        if '__init__' not in vars(base):
+            continue
+        sig = inspect.signature(vars(base)['__init__'])
+        own = {k: p for k, p in sig.parameters.items() if k != 'self' and p.kind is not p.VAR_KEYWORD}
+        for k, p in own.items():
+            params.setdefault(k, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return params
+
+
+def create_strategy(name: str, **kwargs: Any) -> Any:
+    """Build the strategy ``name``; an unknown keyword is an error naming it and listing the valid ones."""
+    klass = get_strategy(name)
+    valid = strategy_parameters(klass)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f'strategy {name!r} got unknown argument(s) {unknown}; valid arguments: '
+                        f'{", ".join(sorted(valid))}')
+    return klass(**kwargs)

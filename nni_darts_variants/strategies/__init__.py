@@ -1,0 +1,1 @@
+"""One file per variant, each a subclass of :class:`~nni_darts_variants.strategies.base.DartsVariant`."""

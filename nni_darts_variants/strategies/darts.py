@@ -1,0 +1,139 @@
+"""DARTS (Liu, Simonyan, Yang, ICLR 2019), first and second order."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..registry import register_strategy
+from .base import DartsVariant, VariantLightningModule, loss_of
+
+__all__ = ['Darts', 'DartsLightning', 'virtual_step']
+
+
+def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], optimizer: torch.optim.Optimizer,
+                 lr: float) -> list[torch.Tensor]:
+    """The weights one optimizer step ahead, without touching them: ``w - lr * (momentum * buf + g + wd * w)``.
+
+    For ``torch.optim.SGD`` (no Nesterov, no dampening) this equals the weights after a real step on the same
+    gradient; the momentum buffer and weight decay are read from the optimizer, as in the official ``architect.py``.
+    Other optimizers are approximated by a plain gradient step with their weight decay.
+    """
+    group_of = {p: g for g in optimizer.param_groups for p in g['params']}
+    result = []
+    for w, g in zip(weights, grads):
+        group = group_of.get(w, {})
+        direction = torch.zeros_like(w) if g is None else g.detach().clone()
+        wd = group.get('weight_decay', 0.0)
+        if wd:
+            direction.add_(w.detach(), alpha=wd)
+        momentum = group.get('momentum', 0.0)
+        buf = optimizer.state.get(w, {}).get('momentum_buffer') if isinstance(optimizer, torch.optim.SGD) else None
+        if momentum and buf is not None:
+            direction.add_(buf, alpha=momentum)
+        result.append(w.detach() - lr * direction)
+    return result
+
+
+class DartsLightning(VariantLightningModule):
+    """DARTS search loop: the base loop, plus the unrolled (second-order) architecture gradient."""
+
+    def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.strategy.order == 1:
+            return super().compute_arch_gradients(trn_batch, val_batch, batch_idx)
+        return self.unrolled_arch_gradients(trn_batch, val_batch, batch_idx)
+
+    def _current_lr(self) -> float:
+        if self.strategy.unrolled_lr is not None:
+            return float(self.strategy.unrolled_lr)
+        return float(self.weight_optimizer().param_groups[0]['lr'])
+
+    def _loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return loss_of(self.training_module.training_step(batch, batch_idx))
+
+    def unrolled_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
+        """Second-order DARTS: ``grad_alpha L_val(w', alpha) - xi * H v`` (finite differences, ``eps = 0.01/|v|``).
+
+        ``w' = w - xi * (momentum * buf + grad_w L_train + wd * w)`` is a virtual step of the weight optimizer with
+        ``xi`` its current learning rate. The weights are saved and restored exactly around the virtual step and
+        the finite differences.
+        """
+        weights = self.weight_parameters()
+        alphas = self.arch_parameters()
+        xi = self._current_lr()
+        backup = [w.detach().clone() for w in weights]
+        try:
+            # 1. virtual step w' on the training batch
+            train_loss = self._loss(trn_batch, 2 * batch_idx)
+            grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
+            unrolled = virtual_step(weights, list(grads), self.weight_optimizer(), xi)
+            with torch.no_grad():
+                for w, u in zip(weights, unrolled):
+                    w.copy_(u)
+            # 2. gradients of the validation loss at w'
+            val_loss = self.architecture_loss(val_batch, batch_idx)
+            d_all = torch.autograd.grad(val_loss, alphas + weights, allow_unused=True)
+            d_alpha = [torch.zeros_like(a) if g is None else g for g, a in zip(d_all[:len(alphas)], alphas)]
+            v = [torch.zeros_like(w) if g is None else g for g, w in zip(d_all[len(alphas):], weights)]
+            # 3. Hessian-vector product by finite differences around w
+            hessian = self.finite_difference_hvp(trn_batch, batch_idx, weights, backup, alphas, v)
+        finally:
+            with torch.no_grad():
+                for w, b in zip(weights, backup):
+                    w.copy_(b)
+        for a, d, h in zip(alphas, d_alpha, hessian):
+            a.grad = d - xi * h
+        return val_loss.detach()
+
+    def finite_difference_hvp(self, trn_batch: Any, batch_idx: int, weights: list[torch.Tensor],
+                              center: list[torch.Tensor], alphas: list[torch.Tensor],
+                              v: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`` with ``eps = 0.01/|v|``."""
+        norm = torch.cat([x.flatten() for x in v]).norm()
+        if norm == 0:
+            return [torch.zeros_like(a) for a in alphas]
+        eps = 0.01 / norm
+        grads = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for w, c, d in zip(weights, center, v):
+                    w.copy_(c + sign * eps * d)
+            g = torch.autograd.grad(self._loss(trn_batch, 2 * batch_idx), alphas, allow_unused=True)
+            grads.append([torch.zeros_like(a) if x is None else x for x, a in zip(g, alphas)])
+        return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]
+
+
+@register_strategy
+class Darts(DartsVariant):
+    """DARTS: softmax-weighted mixed operations, bilevel alpha updates on the validation half.
+
+    `Liu, Simonyan, Yang. DARTS: Differentiable Architecture Search. ICLR 2019 <https://arxiv.org/abs/1806.09055>`__.
+
+    First order uses ``grad_alpha L_val(w, alpha)``. Second order (``order=2``) unrolls one step of the weight
+    optimizer (its momentum and weight decay included) and corrects with a finite-difference Hessian-vector product,
+    ``eps = 0.01 / |v|``, as the official ``architect.py``. The arch step runs before the weight step.
+
+    Parameters
+    ----------
+    order
+        1 (first order, default) or 2 (unrolled second order).
+    unrolled_lr
+        ``xi`` of the virtual step; ``None`` (default) uses the weight optimizer's current learning rate, as the
+        official code. ``0`` makes second order equal to first order.
+    **kwargs
+        See :class:`~nni_darts_variants.strategies.base.DartsVariant` (defaults: arch Adam lr 3e-4, betas
+        (0.5, 0.999), weight decay 1e-3; weight gradients clipped at 5).
+    """
+
+    name = 'darts'
+    description = 'DARTS (Liu et al. 2019): softmax-mixed ops, first order or unrolled second order (order=2)'
+    module_class = DartsLightning
+
+    def __init__(self, *, order: int = 1, unrolled_lr: float | None = None, **kwargs: Any):
+        if order not in (1, 2):
+            raise ValueError(f'order must be 1 or 2, got {order!r}')
+        if unrolled_lr is not None and unrolled_lr < 0:
+            raise ValueError(f'unrolled_lr must be >= 0 or None, got {unrolled_lr}')
+        super().__init__(**kwargs)
+        self.order = order
+        self.unrolled_lr = unrolled_lr

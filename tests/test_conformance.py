@@ -1,0 +1,100 @@
+"""The conformance suite, generated from the registry: every registered strategy gets every check here."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nni_darts_variants import create_strategy, get_strategy, list_strategies
+from nni_darts_variants.testing import quick_kwargs, run_tiny_search, tiny_space
+
+STRATEGIES = sorted(list_strategies())
+
+
+def _quick(name: str):
+    return create_strategy(name, **quick_kwargs(get_strategy(name)))
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_builds_from_defaults(name):
+    strategy = create_strategy(name)
+    assert strategy.name == name
+    from nni.nas.strategy import DARTS
+    assert isinstance(strategy, DARTS), 'every strategy must stay an NNI DARTS strategy'
+
+
+@pytest.fixture(scope='module')
+def searches(tmp_path_factory):
+    """One tiny NasExperiment per strategy (module-scoped: the checks below share it)."""
+    import os
+    results = {}
+    home = tmp_path_factory.mktemp('home')
+    old = os.environ.get('HOME')
+    os.environ['HOME'] = str(home)
+    try:
+        for name in STRATEGIES:
+            results[name] = run_tiny_search(_quick(name), seed=0, workdir=str(home / name))
+    finally:
+        if old is not None:
+            os.environ['HOME'] = old
+    return results
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_search_step_has_finite_loss(searches, name):
+    losses = searches[name].snapshot.losses
+    assert losses, 'no training step ran'
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_architecture_parameters_move(searches, name):
+    snap = searches[name].snapshot
+    assert snap.before, 'the strategy has no architecture parameters'
+    moved = [not torch.equal(a, b) for a, b in zip(snap.before, snap.after)]
+    assert any(moved), 'no architecture parameter changed during the search'
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_each_optimizer_owns_its_parameters(searches, name):
+    snap = searches[name].snapshot
+    assert snap.arch_ids and snap.arch_ids <= snap.arch_optimizer_params
+    assert not snap.arch_ids & snap.weight_optimizer_params, 'alphas must not be in the weight optimizer'
+    assert not snap.weight_optimizer_params & snap.arch_optimizer_params
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_export_is_a_valid_sample(searches, name):
+    sample = searches[name].sample
+    space = tiny_space()
+    assert space.check_contains(sample) is None
+    model = space.freeze(sample)
+    x = torch.randn(2, 1, 8, 8)
+    assert model(x).shape == (2, 10)
+    for key, value in sample.items():
+        if '/op_' in key:
+            assert value != 'none' or not any(
+                key.endswith(f'op_{n}_{j}') for n in range(2, 6)
+                for j in sample.get(key.split('/')[0] + f'/input_{n}', [])), f'{key}: a chosen edge is none'
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_genotype_matches_sample(searches, name):
+    from nni_darts_variants.genotype import Genotype
+    result = searches[name]
+    genotype = result.strategy.export_genotype()
+    assert genotype == Genotype.from_sample(result.sample)
+    for cell in ('normal', 'reduce'):
+        pairs = getattr(genotype, cell)
+        assert len(pairs) == 8 and all(op != 'none' for op, _ in pairs)
+        for k in range(0, 8, 2):
+            assert pairs[k][1] != pairs[k + 1][1], 'two inputs of a node must differ'
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_same_seed_same_export(searches, name, tmp_path):
+    again = run_tiny_search(_quick(name), seed=0, workdir=str(tmp_path / 'again'))
+    assert again.sample == searches[name].sample
+    for a, b in zip(again.snapshot.after, searches[name].snapshot.after):
+        assert torch.equal(a, b)
