@@ -15,6 +15,7 @@ implements the DARTS cell exactly (sum of all incoming mixed edges, derivation b
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
@@ -26,10 +27,26 @@ from nni.nas.nn.pytorch.choice import ChosenInputs
 
 from .ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op
 
-__all__ = ['DartsCell', 'OperationSpec', 'edge_label', 'input_label', 'resolve_operations']
+__all__ = ['DartsCell', 'EdgeSpec', 'OperationSpec', 'edge_label', 'input_label', 'resolve_operations']
 
 #: Either one operation list for every edge, or a mapping from edge label (``'normal/op_2_0'``) to that edge's list.
 OperationSpec = Union[Sequence[str], Mapping[str, Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """How the candidates of one cell edge were built; attached to its LayerChoice as ``darts_edge``.
+
+    Variants that rebuild the operations of an edge (PC-DARTS at ``channels // K``, MergeNAS's merged kernel) read it
+    in their ``MixedEdge.from_layer_choice``.
+    """
+    cell: str
+    node: int
+    input: int
+    channels: int
+    stride: int
+    affine: bool
+    pool_bn: bool
 
 
 def edge_label(cell: str, node: int, j: int) -> str:
@@ -120,7 +137,10 @@ class DartsCell(MutableModule):
                     stride = 2 if reduction and j < 2 else 1
                     names = ops_for(edge_label(label, node, j))
                     candidates = {name: build_op(name, channels, stride, affine, pool_bn) for name in names}
-                    self.edges[f'{node}_{j}'] = LayerChoice(candidates, label=f'op_{node}_{j}')
+                    choice_op = LayerChoice(candidates, label=f'op_{node}_{j}')
+                    if isinstance(choice_op, LayerChoice):
+                        choice_op.darts_edge = EdgeSpec(label, node, j, channels, stride, affine, pool_bn)
+                    self.edges[f'{node}_{j}'] = choice_op
 
     @property
     def node_indices(self) -> range:
