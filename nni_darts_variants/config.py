@@ -1,0 +1,133 @@
+"""Configuration as data: YAML files, ``--set key=value`` overrides, and checks that name the bad key or value.
+
+A config is a nested mapping. Every section is checked against a schema of defaults, so a typo fails at once with
+the bad key named and the valid ones listed. Errors are :class:`ConfigError` (a ``ValueError``) with one line that
+names the problem and the fix.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+__all__ = ['ConfigError', 'load_yaml', 'apply_overrides', 'merge', 'check_schema']
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message naming the fix."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f'config file {path} not found; give the path of a YAML file')
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(err, 'problem', None) or str(err).splitlines()[0]
+        raise ConfigError(f'{path}: malformed YAML{where} ({problem}); fix the syntax there') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path}: the top level must be a mapping of sections, got {type(data).__name__}')
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[2, 4]``, ``true``)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'override {item!r} has no "="; write it as section.key=value')
+        key, _, text = item.partition('=')
+        parts = [p for p in key.strip().split('.') if p]
+        if not parts:
+            raise ConfigError(f'override {item!r} has an empty key; write it as section.key=value')
+        node = config
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f'override {item!r}: {part!r} is a value, not a section')
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return config
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: mappings merge, anything else in ``update`` replaces."""
+    result = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def check_schema(config: Mapping[str, Any], schema: Mapping[str, Any], where: str = 'config',
+                 open_sections: Iterable[str] = ()) -> dict[str, Any]:
+    """Fill defaults from ``schema`` and reject unknown keys and values of the wrong type.
+
+    ``schema`` maps each key to its default; a nested mapping is a section checked recursively. Sections named in
+    ``open_sections`` (dotted paths such as ``'strategy.args'``) accept any keys (they are checked later, e.g.
+    against a constructor's signature).
+    """
+    open_sections = set(open_sections)
+    unknown = sorted(set(config) - set(schema))
+    if unknown:
+        raise ConfigError(f'{where}: unknown key(s) {unknown}; valid keys: {", ".join(sorted(schema))}')
+    result: dict[str, Any] = {}
+    for key, default in schema.items():
+        path = f'{where}.{key}' if where != 'config' else key
+        value = config.get(key, copy.deepcopy(default))
+        if path in open_sections:
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f'{path} must be a mapping of keyword arguments, got {value!r}')
+            result[key] = dict(value)
+        elif isinstance(default, Mapping):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f'{path} must be a section (a mapping), got {value!r}')
+            result[key] = check_schema(value, default, path, open_sections)
+        else:
+            result[key] = _check_type(value, default, path)
+    return result
+
+
+def _check_type(value: Any, default: Any, path: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f'{path} must be true or false, got {value!r}')
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{path} must be a number, got {value!r}')
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f'{path} must be a whole number, got {value!r}')
+        return int(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f'{path} must be a string, got {value!r}')
+    if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise ConfigError(f'{path} must be a list, got {value!r}')
+    return value
