@@ -6,7 +6,8 @@ import importlib.util
 import inspect
 from typing import Any
 
-__all__ = ['register_strategy', 'list_strategies', 'get_strategy', 'create_strategy', 'BUILTIN_STRATEGIES']
+__all__ = ['register_strategy', 'list_strategies', 'get_strategy', 'create_strategy', 'BUILTIN_STRATEGIES',
+           'list_spaces', 'get_space', 'build_space', 'BUILTIN_SPACES']
 
 #: Built-in strategies: name -> (module, one-line description). A module registers its class when imported, which
 #: happens only when the strategy is used; a name whose module is not installed is not listed.
@@ -96,4 +97,53 @@ def create_strategy(name: str, **kwargs: Any) -> Any:
     if unknown:
         raise TypeError(f'strategy {name!r} got unknown argument(s) {unknown}; valid arguments: '
                         f'{", ".join(sorted(valid))}')
+    return klass(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Search spaces
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Built-in spaces: name -> (module, class, one-line description).
+BUILTIN_SPACES: dict[str, tuple[str, str, str]] = {
+    'darts': ('search_spaces.darts', 'DartsSpace',
+              'DARTS CNN cell search network: 8 ops incl. none, 4 nodes, 14 edges; CIFAR-10 or ImageNet stem'),
+}
+
+#: The DartsSpace preset that suits each dataset of ``nni_darts_variants.data``.
+_DATASET_TO_PRESET = {'digits': 'digits', 'cifar10': 'cifar10', 'imagenet': 'imagenet', 'imagefolder': 'cifar10',
+                      'synthetic': 'cifar10'}
+
+
+def list_spaces() -> dict[str, str]:
+    """``{name: one-line description}`` of the built-in search spaces (nothing imported)."""
+    return {name: desc for name, (module, _, desc) in sorted(BUILTIN_SPACES.items()) if _available(module)}
+
+
+def get_space(name: str) -> type:
+    if name not in BUILTIN_SPACES or not _available(BUILTIN_SPACES[name][0]):
+        raise ValueError(f'unknown search space {name!r}; valid spaces: {", ".join(list_spaces())}')
+    module, cls_name, _ = BUILTIN_SPACES[name]
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def build_space(name: str, *, in_channels: int | None = None, num_classes: int | None = None,
+                dataset_hint: str | None = None, **kwargs: Any) -> Any:
+    """Build the space ``name`` for data with ``in_channels`` and ``num_classes``; unknown or clashing arguments
+    are errors naming them."""
+    klass = get_space(name)
+    init = getattr(klass, '_init_wrapped', None) or klass.__init__
+    params = {k for k in inspect.signature(init).parameters if k != 'self'}
+    unknown = sorted(set(kwargs) - params)
+    if unknown:
+        raise TypeError(f'space {name!r} got unknown argument(s) {unknown}; valid arguments: {", ".join(sorted(params))}')
+    if 'dataset' in params and 'dataset' not in kwargs and dataset_hint in _DATASET_TO_PRESET:
+        kwargs['dataset'] = _DATASET_TO_PRESET[dataset_hint]
+    for key, value in (('in_channels', in_channels), ('num_classes', num_classes)):
+        if value is None or key not in params:
+            continue
+        if kwargs.get(key) not in (None, value):
+            raise ValueError(f'space.args.{key}={kwargs[key]} does not match the data ({value}); remove it or '
+                             'choose matching data')
+        kwargs[key] = value
     return klass(**kwargs)

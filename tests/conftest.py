@@ -25,6 +25,13 @@ def _isolated_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='session', autouse=True)
+def _one_thread():
+    """The test tensors are tiny: one intra-op thread is faster than two and never oversubscribes the cores."""
+    import torch
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='session', autouse=True)
 def _quiet_logs():
     for name in ('nni', 'pytorch_lightning', 'lightning', 'lightning.pytorch'):
         logging.getLogger(name).setLevel(logging.ERROR)

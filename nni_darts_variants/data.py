@@ -1,0 +1,157 @@
+"""Datasets for searching: the embedded digits, CIFAR-10, any ImageFolder tree, and synthetic data.
+
+Every dataset yields a training set (split 50/50 into the weight half and the architecture half, as in DARTS) and a
+held-out test set. Nothing is downloaded unless ``download=True``; a missing dataset is a :class:`DataError` naming
+the path and the fix.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+__all__ = ['DataError', 'SearchData', 'build_search_data', 'DATASETS', 'split_indices']
+
+_logger = logging.getLogger(__name__)
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded, with a one-line message naming the path and the fix."""
+
+
+@dataclass
+class SearchData:
+    """Loaders for a search: the weight half, the architecture half, and the held-out test set."""
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader | None
+    in_channels: int
+    num_classes: int
+    image_size: int
+    description: str
+
+
+def split_indices(n: int, portion: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded permutation of ``range(n)`` cut at ``portion`` (DARTS: 0.5 -> weight half, architecture half)."""
+    if not 0 < portion < 1:
+        raise DataError(f'data.train_portion must be in (0, 1), got {portion}')
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(round(n * portion))
+    if cut == 0 or cut == n:
+        raise DataError(f'data.train_portion={portion} leaves one half of the {n} training images empty')
+    return perm[:cut], perm[cut:]
+
+
+def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7)).tolist()
+    return Subset(dataset, perm[:limit])
+
+
+def _digits(root: str | None, download: bool, image_size: int | None, seed: int) -> tuple[Dataset, Dataset, int, int]:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes): 80% search, 20% held out."""
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - 0.5) / 0.5
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    if image_size and image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode='bilinear', align_corners=False)
+    train_idx, test_idx = split_indices(len(y), 0.8, seed + 1)
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), 1, 10
+
+
+def _transforms(image_size: int, train: bool, imagenet: bool) -> Any:
+    from torchvision import transforms as T
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (CIFAR_MEAN, CIFAR_STD)
+    if imagenet:
+        ops = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] if train else \
+            [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    else:
+        ops = ([T.Resize(image_size)] if image_size != 32 else []) + \
+            ([T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()] if train else [])
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _cifar10(root: str | None, download: bool, image_size: int | None, seed: int):
+    from torchvision.datasets import CIFAR10
+    root_path = Path(root or '~/.cache/nni-darts/cifar10').expanduser()
+    size = image_size or 32
+    try:
+        train = CIFAR10(str(root_path), train=True, download=download, transform=_transforms(size, True, False))
+        test = CIFAR10(str(root_path), train=False, download=download, transform=_transforms(size, False, False))
+    except RuntimeError as err:
+        raise DataError(f'CIFAR-10 not found under {root_path} ({err}); set data.download=true to fetch it, or point '
+                        'data.root at a folder that holds cifar-10-batches-py') from None
+    return train, test, 3, 10
+
+
+def _imagefolder(root: str | None, download: bool, image_size: int | None, seed: int, imagenet: bool = False):
+    from torchvision.datasets import ImageFolder
+    if not root:
+        raise DataError('data.root is required for an ImageFolder dataset; point it at a folder with train/ '
+                        '(and optionally test/ or val/) class folders')
+    base = Path(root).expanduser()
+    train_dir = base / 'train' if (base / 'train').is_dir() else base
+    if not train_dir.is_dir():
+        raise DataError(f'dataset folder {base} does not exist; point data.root at an ImageFolder tree')
+    test_dir = next((base / d for d in ('test', 'val') if (base / d).is_dir()), None)
+    size = image_size or (224 if imagenet else 32)
+    try:
+        train = ImageFolder(str(train_dir), transform=_transforms(size, True, imagenet))
+        test = ImageFolder(str(test_dir), transform=_transforms(size, False, imagenet)) if test_dir else None
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f'{train_dir} holds no images in class folders ({str(err).splitlines()[0]}); '
+                        'an ImageFolder tree is root/train/<class>/<image>') from None
+    if len(train) < 2:
+        raise DataError(f'{train_dir} holds {len(train)} image(s); a search needs at least two')
+    return train, test, 3, len(train.classes)
+
+
+def _synthetic(root: str | None, download: bool, image_size: int | None, seed: int):
+    from .testing import tiny_dataset
+    size = image_size or 8
+    return tiny_dataset(256, channels=3, size=size, seed=seed), tiny_dataset(64, channels=3, size=size,
+                                                                             seed=seed + 1), 3, 10
+
+
+DATASETS = {
+    'digits': (_digits, "scikit-learn's bundled handwritten digits, 1x8x8, 10 classes (no download)"),
+    'cifar10': (_cifar10, 'CIFAR-10 through torchvision (download only with data.download=true)'),
+    'imagefolder': (_imagefolder, 'an ImageFolder tree (root/train/<class>/..., optional root/test or root/val)'),
+    'imagenet': (lambda *a: _imagefolder(*a, imagenet=True), 'ImageNet layout (ImageFolder) with 224px transforms'),
+    'synthetic': (_synthetic, 'random learnable 3-channel images for tests'),
+}
+
+
+def build_search_data(name: str, root: str | None = None, download: bool = False, batch_size: int = 64,
+                      train_portion: float = 0.5, num_workers: int = 0, image_size: int | None = None,
+                      limit: int | None = None, seed: int = 0, test_batch_size: int | None = None) -> SearchData:
+    """Build the loaders of a search on dataset ``name`` (see :data:`DATASETS`)."""
+    if name not in DATASETS:
+        raise DataError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
+    if batch_size < 1:
+        raise DataError(f'data.batch_size must be positive, got {batch_size}')
+    factory, _ = DATASETS[name]
+    train, test, in_channels, num_classes = factory(root, download, image_size, seed)
+    train = _limit(train, limit, seed)
+    w_idx, a_idx = split_indices(len(train), train_portion, seed)
+    generator = torch.Generator().manual_seed(seed)
+    common = {'num_workers': num_workers, 'persistent_workers': num_workers > 0}
+    train_loader = DataLoader(Subset(train, w_idx), batch_size=batch_size, shuffle=True, drop_last=False,
+                              generator=generator, **common)
+    val_loader = DataLoader(Subset(train, a_idx), batch_size=batch_size, shuffle=True, drop_last=False,
+                            generator=torch.Generator().manual_seed(seed + 1), **common)
+    test_loader = DataLoader(test, batch_size=test_batch_size or batch_size, **common) if test is not None else None
+    sample_x = train[0][0]
+    desc = (f'{name}: {len(w_idx)} weight / {len(a_idx)} architecture images'
+            + (f', {len(test)} held out' if test is not None else ''))
+    return SearchData(train_loader, val_loader, test_loader, in_channels, num_classes, int(sample_x.shape[-1]), desc)

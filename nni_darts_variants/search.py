@@ -1,0 +1,293 @@
+"""Run a search from a configuration: data, space, strategy, NNI experiment, and the run folder it leaves.
+
+The run folder holds the resolved config (``config.yaml``), the genotype (``genotype.json``), NNI's sample dict
+(``sample.json``), the final architecture parameters and their history per epoch (``alphas.json``,
+``alpha_history.json``), the Lightning CSV metrics (``metrics/``), and ``result.json`` once the search finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import nni
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from nni.nas.evaluator.pytorch import Lightning, Trainer
+from nni.nas.evaluator.pytorch.lightning import ClassificationModule
+
+from . import __version__
+from .config import ConfigError, apply_overrides, check_schema, load_yaml, merge
+from .data import SearchData, build_search_data
+from .registry import build_space, create_strategy, get_strategy, strategy_parameters
+
+__all__ = ['SEARCH_SCHEMA', 'resolve_config', 'run_search', 'SearchResult', 'SearchClassification',
+           'search_evaluator', 'arch_state', 'evaluate_sample']
+
+_logger = logging.getLogger(__name__)
+
+#: Every key a search config may have, with its default.
+SEARCH_SCHEMA: dict[str, Any] = {
+    'seed': 2,
+    'strategy': {'name': 'darts', 'args': {}},
+    'space': {'name': 'darts', 'args': {}},
+    'data': {'name': 'digits', 'root': None, 'download': False, 'batch_size': 64, 'train_portion': 0.5,
+             'num_workers': 0, 'image_size': None, 'limit': None},
+    'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
+              'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
+              'progress_bar': True, 'eval_batches': 50},
+    'evaluate': {'epochs': 0, 'learning_rate': 0.05},
+    'output': {'dir': None, 'overwrite': False},
+}
+OPEN_SECTIONS = ('strategy.args', 'space.args')
+
+
+def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Load (if a path), apply overrides, fill defaults and check every key, strategy and space argument."""
+    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    raw = apply_overrides(raw, overrides)
+    cfg = check_schema(raw, SEARCH_SCHEMA, open_sections=OPEN_SECTIONS)
+    name = cfg['strategy']['name']
+    valid = strategy_parameters(get_strategy(name))
+    unknown = sorted(set(cfg['strategy']['args']) - set(valid))
+    if unknown:
+        raise ConfigError(f'strategy.args: unknown argument(s) {unknown} for strategy {name!r}; valid: '
+                          f'{", ".join(sorted(valid))}')
+    if cfg['train']['max_epochs'] < 1:
+        raise ConfigError(f'train.max_epochs must be >= 1, got {cfg["train"]["max_epochs"]}')
+    for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay'):
+        if cfg['train'][key] < 0:
+            raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
+    if cfg['train']['learning_rate'] == 0:
+        raise ConfigError('train.learning_rate must be positive, got 0')
+    return cfg
+
+
+@nni.trace
+class SearchClassification(ClassificationModule):
+    """NNI's classification module with the DARTS weight recipe: SGD with momentum, cosine to ``learning_rate_min``.
+
+    Results are reported by the search runner, not by this module (so an ``nnictl`` trial reports once).
+    """
+
+    def __init__(self, *, learning_rate: float = 0.025, learning_rate_min: float = 0.001, momentum: float = 0.9,
+                 weight_decay: float = 3e-4, nesterov: bool = False, num_classes: int = 10, max_epochs: int = 50):
+        super().__init__(criterion=nn.CrossEntropyLoss, learning_rate=learning_rate, weight_decay=weight_decay,
+                         optimizer=torch.optim.SGD, num_classes=num_classes)
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.learning_rate_min = learning_rate_min
+        self.max_epochs = max_epochs
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate, momentum=self.momentum,
+                                    weight_decay=self.hparams.weight_decay, nesterov=self.nesterov)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs,
+                                                               eta_min=self.learning_rate_min)
+        return [optimizer], [{'scheduler': scheduler, 'interval': 'epoch'}]
+
+    def on_validation_epoch_end(self) -> None:
+        """Reporting belongs to the runner."""
+
+    def _final_report(self) -> None:
+        """Reporting belongs to the runner."""
+
+
+def arch_state(oneshot_module: Any) -> dict[str, list]:
+    """``{label: values}`` of every architecture parameter (shared parameters once)."""
+    state: dict[str, list] = {}
+    for module in oneshot_module.supernet_modules():
+        label = getattr(module, 'label', None)
+        params = list(module.arch_parameters()) if hasattr(module, 'arch_parameters') else []
+        if label is None or label in state or not params:
+            continue
+        values = [p.detach().cpu().tolist() for p in params]
+        state[label] = values[0] if len(values) == 1 else values
+    return state
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(json.dumps(data, indent=1) + '\n')
+    os.replace(tmp, path)
+
+
+class SearchMonitor(pl.Callback):
+    """Per epoch: supernet accuracy on (part of) the architecture half, alphas and their probabilities.
+
+    Writes ``alpha_history.json`` after every epoch, and calls each ``listeners(epoch, metrics)`` (the ``nnictl``
+    trial reporter is one).
+    """
+
+    def __init__(self, run_dir: Path, val_loader: Any, eval_batches: int | None,
+                 listeners: list[Callable[[int, dict], None]] | None = None):
+        self.run_dir = run_dir
+        self.val_loader = val_loader
+        self.eval_batches = eval_batches
+        self.listeners = listeners or []
+        self.history: list[dict[str, Any]] = []
+        self.epoch_times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start = time.perf_counter()
+
+    @torch.no_grad()
+    def supernet_accuracy(self, pl_module: Any) -> float:
+        model = pl_module.training_module
+        was_training = model.training
+        model.eval()
+        correct = total = 0
+        for i, (x, y) in enumerate(self.val_loader):
+            if self.eval_batches and i >= self.eval_batches:
+                break
+            pl_module.resample()
+            x, y = x.to(pl_module.device), y.to(pl_module.device)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+        model.train(was_training)
+        return correct / max(total, 1)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        seconds = time.perf_counter() - self._start
+        self.epoch_times.append(seconds)
+        acc = self.supernet_accuracy(pl_module)
+        pl_module.log('supernet_val_acc', acc)
+        metrics = {'epoch': trainer.current_epoch, 'supernet_val_acc': acc, 'epoch_seconds': seconds}
+        for key in ('train_loss', 'train_acc', 'arch_loss'):
+            if key in trainer.callback_metrics:
+                metrics[key] = float(trainer.callback_metrics[key])
+        genotype = pl_module.export_genotype() if hasattr(pl_module, 'export_genotype') else None
+        self.history.append({**metrics, 'alphas': arch_state(pl_module),
+                             'probs': pl_module.export_probs(),
+                             'genotype': genotype.to_dict() if genotype is not None else None})
+        _write_json(self.run_dir / 'alpha_history.json', self.history)
+        _logger.info('epoch %d: supernet accuracy %.4f (%.1f s)', trainer.current_epoch, acc, seconds)
+        for listener in self.listeners:
+            listener(trainer.current_epoch, {**metrics, 'genotype': genotype})
+
+
+def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list) -> Lightning:
+    """NNI ``Lightning`` evaluator with :class:`SearchClassification` and a Lightning CSV logger in the run folder."""
+    train = cfg['train']
+    module = SearchClassification(learning_rate=train['learning_rate'], learning_rate_min=train['learning_rate_min'],
+                                  momentum=train['momentum'], weight_decay=train['weight_decay'],
+                                  nesterov=train['nesterov'], num_classes=data.num_classes,
+                                  max_epochs=train['max_epochs'])
+    trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
+                      precision=train['precision'], enable_progress_bar=train['progress_bar'],
+                      enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
+                      logger=pl.loggers.CSVLogger(str(run_dir), name='metrics', version=''),
+                      num_sanity_val_steps=0, log_every_n_steps=1)
+    return Lightning(module, trainer, train_dataloaders=data.train, val_dataloaders=data.val)
+
+
+@dataclass
+class SearchResult:
+    """What a search produced."""
+    run_dir: Path
+    genotype: Any
+    sample: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def default_run_dir(cfg: dict[str, Any]) -> Path:
+    return Path('runs') / f'{cfg["strategy"]["name"]}-{cfg["space"]["name"]}-{cfg["data"]["name"]}-seed{cfg["seed"]}'
+
+
+def prepare_run_dir(cfg: dict[str, Any], output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Create the run folder; refuse one that holds a finished run unless ``overwrite``."""
+    run_dir = Path(output or cfg['output']['dir'] or default_run_dir(cfg))
+    overwrite = overwrite or cfg['output']['overwrite']
+    if (run_dir / 'result.json').exists() and not overwrite:
+        raise ConfigError(f'{run_dir} already holds a finished run; choose another --output, or pass --overwrite '
+                          'to replace it')
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _provenance() -> dict[str, str]:
+    import pytorch_lightning
+    return {'nni_darts_variants': __version__, 'nni': nni.__version__, 'torch': torch.__version__,
+            'pytorch_lightning': pytorch_lightning.__version__, 'python': platform.python_version()}
+
+
+def evaluate_sample(space_factory: Callable[[], Any], sample: dict[str, Any], data: SearchData, epochs: int,
+                    learning_rate: float, accelerator: str = 'auto', seed: int = 0) -> dict[str, float]:
+    """Train the discrete network of ``sample`` from scratch on both search halves, test on the held-out set."""
+    from torch.utils.data import ConcatDataset, DataLoader
+    pl.seed_everything(seed, verbose=False)
+    model = space_factory().freeze(sample)
+    module = SearchClassification(learning_rate=learning_rate, learning_rate_min=0.0, weight_decay=3e-4,
+                                  num_classes=data.num_classes, max_epochs=epochs)
+    module.set_model(model)
+    both = ConcatDataset([data.train.dataset, data.val.dataset])
+    loader = DataLoader(both, batch_size=data.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, train_dataloaders=loader)
+    if data.test is None:
+        return {}
+    result = trainer.test(module, dataloaders=data.test, verbose=False)[0]
+    params = sum(p.numel() for p in model.parameters())
+    return {'test_acc': float(result['test_acc']), 'test_loss': float(result['test_loss']), 'params': params}
+
+
+def run_search(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = (),
+               output: str | Path | None = None, overwrite: bool = False,
+               listeners: list[Callable[[int, dict], None]] | None = None) -> SearchResult:
+    """Run one search from a config (a mapping or a YAML path) and write its run folder."""
+    from nni.nas.experiment import NasExperiment
+    cfg = resolve_config(config, list(overrides))
+    run_dir = prepare_run_dir(cfg, output, overwrite)
+    for stale in ('result.json',):
+        (run_dir / stale).unlink(missing_ok=True)
+    _write_json(run_dir / 'config.json', {'config': cfg, 'provenance': _provenance()})
+    import yaml
+    (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    pl.seed_everything(cfg['seed'], verbose=False)
+    d = cfg['data']
+    data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
+                             train_portion=d['train_portion'], num_workers=d['num_workers'],
+                             image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'])
+    _logger.info('data %s', data.description)
+
+    def space_factory() -> Any:
+        return build_space(cfg['space']['name'], in_channels=data.in_channels, num_classes=data.num_classes,
+                           dataset_hint=d['name'], **cfg['space']['args'])
+
+    space = space_factory()
+    strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
+    monitor = SearchMonitor(run_dir, data.val, cfg['train']['eval_batches'], listeners)
+    evaluator = search_evaluator(cfg, data, run_dir, [monitor])
+    experiment = NasExperiment(space, evaluator, strategy)
+    experiment.config.experiment_working_directory = str((run_dir / 'nni').resolve())
+    start = time.perf_counter()
+    experiment.run()
+    search_seconds = time.perf_counter() - start
+    sample = experiment.export_top_models(formatter='dict')[0]
+    genotype = strategy.export_genotype() if hasattr(strategy, 'export_genotype') else None
+
+    _write_json(run_dir / 'sample.json', sample)
+    if genotype is not None:
+        genotype.save(run_dir / 'genotype.json')
+    _write_json(run_dir / 'alphas.json', arch_state(strategy.oneshot_module))
+    metrics: dict[str, Any] = {'search_seconds': round(search_seconds, 2),
+                               'epoch_seconds': [round(t, 2) for t in monitor.epoch_times],
+                               'supernet_val_acc': monitor.history[-1]['supernet_val_acc'] if monitor.history else None}
+    if cfg['evaluate']['epochs'] > 0:
+        metrics['evaluate'] = evaluate_sample(space_factory, sample, data, cfg['evaluate']['epochs'],
+                                              cfg['evaluate']['learning_rate'], cfg['train']['accelerator'],
+                                              cfg['seed'])
+    result = SearchResult(run_dir, genotype, sample, metrics)
+    _write_json(run_dir / 'result.json', {'metrics': metrics, 'genotype': genotype.to_dict() if genotype else None,
+                                          'sample': sample})
+    return result
