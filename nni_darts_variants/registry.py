@@ -108,6 +108,8 @@ def create_strategy(name: str, **kwargs: Any) -> Any:
 BUILTIN_SPACES: dict[str, tuple[str, str, str]] = {
     'darts': ('search_spaces.darts', 'DartsSpace',
               'DARTS CNN cell search network: 8 ops incl. none, 4 nodes, 14 edges; CIFAR-10 or ImageNet stem'),
+    'proxylessnas': ('search_spaces.proxylessnas', 'ProxylessSpace',
+                     'ProxylessNAS MobileNetV2-style space: 21 blocks, MBConv expand 3/6 x kernel 3/5/7, zero option'),
 }
 
 #: The DartsSpace preset that suits each dataset of ``nni_darts_variants.data``.
