@@ -24,11 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser('search', help='run a search from a YAML config',
                             description='Run one search; the run folder gets the genotype, the NNI sample, alphas '
                                         'and metrics.')
-    search.add_argument('config', help='YAML config (see experiments/)')
+    search.add_argument('config', nargs='?', help='YAML config (see experiments/); optional with --resume')
     search.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='override a config value, e.g. --set train.max_epochs=5 --set strategy.args.order=2')
     search.add_argument('--output', '-o', help='run folder (default: output.dir or runs/<strategy>-<space>-...)')
     search.add_argument('--overwrite', action='store_true', help='replace a finished run in the run folder')
+    search.add_argument('--resume', metavar='RUN_DIR',
+                        help='continue an interrupted search from its last checkpoint (config: the run\'s own)')
 
     sub.add_parser('list', help='list strategies and search spaces')
 
@@ -56,7 +58,10 @@ def _cmd_list() -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search import run_search
-    result = run_search(args.config, args.overrides, output=args.output, overwrite=args.overwrite)
+    if args.config is None and args.resume is None:
+        raise ValueError('give a CONFIG.yaml (or --resume RUN_DIR)')
+    result = run_search(args.config, args.overrides, output=args.output, overwrite=args.overwrite,
+                        resume=args.resume)
     print(f'architecture: {result.genotype if result.genotype is not None else result.sample}')
     evaluation = result.metrics.get('evaluate')
     if evaluation:
@@ -88,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'retrain': lambda: _cmd_retrain(args)}
     try:
         return commands[args.command]()
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as err:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -28,7 +28,7 @@ from .data import SearchData, build_search_data
 from .registry import build_space, create_strategy, get_strategy, strategy_parameters
 
 __all__ = ['SEARCH_SCHEMA', 'resolve_config', 'run_search', 'SearchResult', 'SearchClassification',
-           'search_evaluator', 'arch_state', 'evaluate_sample']
+           'search_evaluator', 'arch_state', 'evaluate_sample', 'DivergenceError']
 
 _logger = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ SEARCH_SCHEMA: dict[str, Any] = {
     'strategy': {'name': 'darts', 'args': {}},
     'space': {'name': 'darts', 'args': {}},
     'data': {'name': 'digits', 'root': None, 'download': False, 'batch_size': 64, 'train_portion': 0.5,
-             'num_workers': 0, 'image_size': None, 'limit': None},
+             'num_workers': 0, 'image_size': None, 'limit': None, 'subset': None, 'weight_fraction': 0.1,
+             'arch_fraction': 0.025},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
               'progress_bar': True, 'eval_batches': 50},
@@ -135,6 +136,11 @@ class SearchMonitor(pl.Callback):
         self.epoch_times: list[float] = []
         self._start = 0.0
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # After a resume, drop what was recorded for epochs the checkpoint does not cover.
+        self.history = [h for h in self.history if h['epoch'] < trainer.current_epoch]
+        self.epoch_times = [h['epoch_seconds'] for h in self.history]
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._start = time.perf_counter()
 
@@ -173,8 +179,56 @@ class SearchMonitor(pl.Callback):
             listener(trainer.current_epoch, {**metrics, 'genotype': genotype})
 
 
-def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list) -> Lightning:
-    """NNI ``Lightning`` evaluator with :class:`SearchClassification` and a Lightning CSV logger in the run folder."""
+class DivergenceError(RuntimeError):
+    """The search loss or an architecture parameter became NaN or infinite."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop the search when the loss or an architecture parameter is not finite, naming the epoch and step.
+
+    Checkpoints are written at the end of each good epoch, so the last one never holds the bad values.
+    """
+
+    def __init__(self, checkpoint_dir: Path):
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs['loss'] if isinstance(outputs, dict) else outputs
+        bad = None
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            bad = f'the loss became {float(loss)}'
+        else:
+            for module in pl_module.supernet_modules():
+                if any(not torch.isfinite(p).all() for p in getattr(module, 'arch_parameters', lambda: [])()):
+                    bad = f'architecture parameters of {getattr(module, "label", module)} became non-finite'
+                    break
+        if bad is not None:
+            last = self.checkpoint_dir / 'last.ckpt'
+            keep = f'the last good checkpoint is {last}' if last.exists() else 'no epoch had finished yet'
+            raise DivergenceError(f'search diverged at epoch {trainer.current_epoch}, step {batch_idx}: {bad}; {keep}; '
+                                  'lower train.learning_rate or the strategy\'s arc_learning_rate and resume or rerun')
+
+
+class RandomState(pl.Callback):
+    """Save and restore the random state (torch, and the loaders' shuffling generators) in checkpoints, so that a
+    resumed search continues exactly as an uninterrupted one."""
+
+    def __init__(self, loaders: list):
+        self.generators = [g for g in (getattr(loader, 'generator', None) for loader in loaders) if g is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'torch': torch.get_rng_state(), 'loaders': [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state['torch'])
+        for g, s in zip(self.generators, state['loaders']):
+            g.set_state(s)
+
+
+def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list,
+                     ckpt_path: str | None = None) -> Lightning:
+    """NNI ``Lightning`` evaluator with :class:`SearchClassification`, a Lightning CSV logger and per-epoch
+    checkpoints (``checkpoints/last.ckpt``) in the run folder."""
     train = cfg['train']
     module = SearchClassification(learning_rate=train['learning_rate'], learning_rate_min=train['learning_rate_min'],
                                   momentum=train['momentum'], weight_decay=train['weight_decay'],
@@ -182,10 +236,11 @@ def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callb
                                   max_epochs=train['max_epochs'])
     trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
                       precision=train['precision'], enable_progress_bar=train['progress_bar'],
-                      enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
-                      logger=pl.loggers.CSVLogger(str(run_dir), name='metrics', version=''),
+                      enable_model_summary=False, callbacks=callbacks,
+                      logger=pl.loggers.CSVLogger(str(run_dir), name='metrics'),  # version_N per session
                       num_sanity_val_steps=0, log_every_n_steps=1)
-    return Lightning(module, trainer, train_dataloaders=data.train, val_dataloaders=data.val)
+    return Lightning(module, trainer, train_dataloaders=data.train, val_dataloaders=data.val,
+                     fit_kwargs={'ckpt_path': ckpt_path} if ckpt_path else None)
 
 
 @dataclass
@@ -240,11 +295,45 @@ def evaluate_sample(space_factory: Callable[[], Any], sample: dict[str, Any], da
     return {'test_acc': float(result['test_acc']), 'test_loss': float(result['test_loss']), 'params': params}
 
 
+def _write_result_bundle(run_dir: Path, cfg: dict[str, Any], genotype: Any, sample: dict[str, Any],
+                         history: list[dict[str, Any]], final_alphas: dict[str, Any], space_factory: Callable[[], Any],
+                         data: SearchData) -> None:
+    """``run_dir/bundle/`` (see :mod:`nni_darts_variants.bundle`); a failure is a warning, never a lost search."""
+    from .bundle import retrain_command, write_bundle
+    try:
+        write_bundle(run_dir, genotype=genotype, sample=sample, alpha_history=history, final_alphas=final_alphas,
+                     space_factory=space_factory,
+                     data_info={'in_channels': data.in_channels, 'image_size': data.image_size,
+                                'num_classes': data.num_classes},
+                     retrain_command=retrain_command(run_dir, cfg['strategy']['name'], cfg['data']['name'], genotype))
+    except Exception as err:  # the search itself is finished and saved
+        _logger.warning('could not write the result bundle in %s (%s: %s)', run_dir / 'bundle', type(err).__name__,
+                        err, exc_info=True)
+
+
 def run_search(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = (),
                output: str | Path | None = None, overwrite: bool = False,
-               listeners: list[Callable[[int, dict], None]] | None = None) -> SearchResult:
-    """Run one search from a config (a mapping or a YAML path) and write its run folder."""
+               listeners: list[Callable[[int, dict], None]] | None = None, resume: str | Path | None = None,
+               callbacks: list | None = None) -> SearchResult:
+    """Run one search from a config (a mapping or a YAML path) and write its run folder.
+
+    ``resume`` is the folder of an interrupted run: its saved config is used (``overrides`` still apply) and the
+    search continues from its last checkpoint, with the same random state.
+    """
     from nni.nas.experiment import NasExperiment
+    ckpt_path = None
+    if resume is not None:
+        resume = Path(resume)
+        if (resume / 'result.json').exists():
+            raise ConfigError(f'{resume} holds a finished run; nothing to resume (use --overwrite to rerun it)')
+        if not (resume / 'config.yaml').exists():
+            raise ConfigError(f'{resume} is not a run folder (no config.yaml); give the folder of an interrupted run')
+        config = config if config is not None else resume / 'config.yaml'
+        last = resume / 'checkpoints' / 'last.ckpt'
+        ckpt_path = str(last) if last.exists() else None
+        if ckpt_path is None:
+            _logger.warning('%s has no checkpoint yet; starting the search from the beginning', resume)
+        output = resume
     cfg = resolve_config(config, list(overrides))
     run_dir = prepare_run_dir(cfg, output, overwrite)
     for stale in ('result.json',):
@@ -257,7 +346,8 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     d = cfg['data']
     data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
                              train_portion=d['train_portion'], num_workers=d['num_workers'],
-                             image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'])
+                             image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
+                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'])
     _logger.info('data %s', data.description)
 
     def space_factory() -> Any:
@@ -267,7 +357,15 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     space = space_factory()
     strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
     monitor = SearchMonitor(run_dir, data.val, cfg['train']['eval_batches'], listeners)
-    evaluator = search_evaluator(cfg, data, run_dir, [monitor])
+    if ckpt_path is not None and (run_dir / 'alpha_history.json').exists():
+        monitor.history = json.loads((run_dir / 'alpha_history.json').read_text())
+    checkpoint_dir = run_dir / 'checkpoints'
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=1,
+                                                 every_n_epochs=1, save_on_train_epoch_end=True)
+    guard = DivergenceGuard(checkpoint_dir)
+    evaluator = search_evaluator(cfg, data, run_dir,
+                                 [monitor, guard, RandomState([data.train, data.val]), checkpointing,
+                                  *(callbacks or [])], ckpt_path=ckpt_path)
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((run_dir / 'nni').resolve())
     start = time.perf_counter()
@@ -280,6 +378,8 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     if genotype is not None:
         genotype.save(run_dir / 'genotype.json')
     _write_json(run_dir / 'alphas.json', arch_state(strategy.oneshot_module))
+    _write_result_bundle(run_dir, cfg, genotype, sample, monitor.history, arch_state(strategy.oneshot_module),
+                         space_factory, data)
     metrics: dict[str, Any] = {'search_seconds': round(search_seconds, 2),
                                'epoch_seconds': [round(t, 2) for t in monitor.epoch_times],
                                'supernet_val_acc': monitor.history[-1]['supernet_val_acc'] if monitor.history else None}
