@@ -24,21 +24,29 @@ def test_builds_from_defaults(name):
     assert isinstance(strategy, DARTS), 'every strategy must stay an NNI DARTS strategy'
 
 
+class _LazySearches(dict):
+    """One tiny NasExperiment per strategy, run on first use (so ``-k name`` runs only that strategy's search)."""
+
+    def __init__(self, home):
+        super().__init__()
+        self.home = home
+
+    def __missing__(self, name):
+        import os
+        old = os.environ.get('HOME')
+        os.environ['HOME'] = str(self.home)
+        try:
+            self[name] = run_tiny_search(_quick(name), seed=0, workdir=str(self.home / name))
+        finally:
+            if old is not None:
+                os.environ['HOME'] = old
+        return self[name]
+
+
 @pytest.fixture(scope='module')
 def searches(tmp_path_factory):
-    """One tiny NasExperiment per strategy (module-scoped: the checks below share it)."""
-    import os
-    results = {}
-    home = tmp_path_factory.mktemp('home')
-    old = os.environ.get('HOME')
-    os.environ['HOME'] = str(home)
-    try:
-        for name in STRATEGIES:
-            results[name] = run_tiny_search(_quick(name), seed=0, workdir=str(home / name))
-    finally:
-        if old is not None:
-            os.environ['HOME'] = old
-    return results
+    """Tiny searches shared by the checks below (module-scoped, one per strategy)."""
+    return _LazySearches(tmp_path_factory.mktemp('home'))
 
 
 @pytest.mark.parametrize('name', STRATEGIES)

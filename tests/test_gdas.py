@@ -1,0 +1,177 @@
+"""GDAS: one Gumbel-max sampled candidate per edge, shared per cell type, straight-through gradients, tau schedule."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nni_darts_variants.memory import saved_tensor_bytes
+from nni_darts_variants.strategies import gdas
+from nni_darts_variants.strategies.darts import Darts
+from nni_darts_variants.strategies.gdas import Gdas, GdasLightning, GumbelMaxEdge, gumbel_noise, linear_temperature
+from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
+
+CONV_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
+
+
+def supernet(strategy, seed: int = 0, **space_kwargs):
+    torch.manual_seed(seed)
+    return strategy.mutate_model(tiny_space(**space_kwargs))
+
+
+def edges(net: nn.Module) -> list[GumbelMaxEdge]:
+    return [m for m in net.modules() if isinstance(m, GumbelMaxEdge)]
+
+
+def resample(net: nn.Module) -> dict:
+    memo: dict = {}
+    for edge in edges(net):
+        memo.update(edge.resample(memo))
+    return memo
+
+
+def test_gdas_is_not_nni_gumbel_darts():
+    assert "NNI's ``GumbelDARTS`` is not GDAS" in Gdas.__doc__
+
+
+def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type():
+    net = supernet(Gdas(), num_cells=5)  # normal cells 0, 2, 4; reduction cells 1, 3
+    calls: dict[int, list[str]] = defaultdict(list)
+    for edge in edges(net):
+        for name in edge.names:
+            edge[name].register_forward_hook(lambda m, i, o, e=edge, n=name: calls[id(e)].append(n))
+    for _ in range(5):
+        calls.clear()
+        resample(net)
+        net(torch.randn(2, 1, 8, 8))
+        ran_by_label: dict[str, set[str]] = defaultdict(set)
+        for edge in edges(net):
+            assert calls[id(edge)] == [edge.names[edge.sampled_index]]
+            ran_by_label[edge.label].update(calls[id(edge)])
+        assert len(ran_by_label) == 28 and all(len(v) == 1 for v in ran_by_label.values())
+
+
+def test_forward_value_is_the_sampled_candidate_output():
+    net = supernet(Gdas()).double().eval()
+    for edge in (net.cells[0].edges['4_1'], net.cells[1].edges['2_0']):
+        x = torch.randn(2, 8 if edge is net.cells[0].edges['4_1'] else 16, 8, 8, dtype=torch.float64)
+        for _ in range(10):
+            edge.resample({})
+            expected = edge[edge.names[edge.sampled_index]](x)
+            assert torch.allclose(edge(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('tau', [10.0, 0.1])
+def test_selection_frequencies_follow_softmax_alpha(tau):
+    torch.manual_seed(0)
+    edge = supernet(Gdas()).cells[0].edges['2_0']
+    with torch.no_grad():
+        edge.alpha.copy_(torch.tensor([0.5, -1.0, 0.0, 1.0, 1.5, -0.5, 0.2, 0.8]))
+    edge.temperature = tau
+    n = 8000
+    counts = torch.zeros(8)
+    for _ in range(n):
+        edge.resample({})
+        counts[edge.sampled_index] += 1
+    expected = torch.softmax(edge.alpha.detach(), -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.32  # the 0.999 quantile of chi-square with 7 degrees of freedom
+
+
+def _sample_a_conv(edge: GumbelMaxEdge) -> None:
+    for _ in range(200):
+        edge.resample({})
+        if edge.names[edge.sampled_index] in CONV_OPS:
+            return
+    raise AssertionError('no convolution sampled')
+
+
+def test_gradients_reach_only_the_sampled_op_and_every_alpha():
+    net = supernet(Gdas()).double()
+    edge = net.cells[0].edges['3_1']
+    edge.temperature = 1.0
+    _sample_a_conv(edge)
+    sampled = edge.names[edge.sampled_index]
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    (edge(x) * torch.randn(2, 8, 8, 8, dtype=torch.float64)).sum().backward()
+    for name in edge.names:
+        grads = [p.grad for p in edge[name].parameters()]
+        if name == sampled:
+            assert grads and all(g is not None and torch.count_nonzero(g) > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads), f'{name} was not sampled but got a gradient'
+    alpha_grad = edge.alpha.grad
+    assert torch.all(alpha_grad != 0)
+    assert abs(float(alpha_grad.sum())) < 1e-10 * float(alpha_grad.abs().sum())
+
+
+def test_gumbel_noise_is_drawn_again_when_infinite(monkeypatch):
+    draws = iter([torch.tensor([0.5, 0.0]), torch.tensor([0.5, 2.0])])
+    monkeypatch.setattr(gdas, '_exponential', lambda like: next(draws))
+    noise = gumbel_noise(torch.zeros(2))
+    assert torch.isfinite(noise).all()
+    assert torch.allclose(noise, -torch.log(torch.tensor([0.5, 2.0])))
+
+
+def test_linear_temperature_schedule():
+    assert linear_temperature(0, 250, 10.0, 0.1) == 10.0
+    assert linear_temperature(249, 250, 10.0, 0.1) == pytest.approx(0.1)
+    assert linear_temperature(1, 3, 10.0, 0.1) == pytest.approx(5.05)
+    assert linear_temperature(0, 1, 10.0, 0.1) == 10.0
+    with pytest.raises(ValueError, match='tau_min'):
+        Gdas(tau_max=0.1, tau_min=1.0)
+
+
+class _Recording(GdasLightning):
+    events: list = []
+
+    def weight_step(self, trn_batch, batch_idx):
+        self.events.append(('weight', self.trainer.current_epoch, self._temperatures()))
+        return super().weight_step(trn_batch, batch_idx)
+
+    def architecture_step(self, trn_batch, val_batch, batch_idx):
+        self.events.append(('arch', self.trainer.current_epoch, self._temperatures()))
+        return super().architecture_step(trn_batch, val_batch, batch_idx)
+
+    def resample(self):
+        sample = super().resample()
+        self.events.append(('resample', all('/op_' in k and 'gumbel' not in k for k in sample)))
+        return sample
+
+    def _temperatures(self) -> set[float]:
+        return {m.temperature for m in self.supernet_modules() if isinstance(m, GumbelMaxEdge)}
+
+
+class _RecordingGdas(Gdas):
+    module_class = _Recording
+
+
+def test_search_order_fresh_samples_and_annealing():
+    _Recording.events = []
+    run_tiny_search(_RecordingGdas(), max_epochs=2, loaders=tiny_loaders(n=8, batch_size=4))
+    steps = [e for e in _Recording.events if e[0] != 'resample']
+    assert [e[0] for e in steps] == ['weight', 'arch'] * 4  # weight step first, as in the official GDAS
+    temperatures = {e[1]: e[2] for e in steps}
+    assert temperatures[0] == {10.0} and len(temperatures[1]) == 1
+    assert temperatures[1].pop() == pytest.approx(0.1)  # tau(last) = tau_min
+    kinds = [e[0] for e in _Recording.events]
+    assert all(kinds[i - 1] == 'resample' for i, k in enumerate(kinds) if k != 'resample')  # a fresh sample each
+    assert all(e[1] for e in _Recording.events if e[0] == 'resample')  # a clean NNI sample, no private noise keys
+
+
+def test_defaults():
+    strategy = Gdas()
+    assert (strategy.tau_max, strategy.tau_min, strategy.arc_learning_rate) == (10.0, 0.1, 3e-4)
+    assert strategy.arc_betas == (0.5, 0.999) and strategy.arc_weight_decay == 1e-3 and strategy.warmup_epochs == 0
+
+
+def test_single_path_activation_memory():
+    x = torch.randn(8, 1, 8, 8)
+    net = supernet(Gdas())
+    resample(net)
+    darts = supernet(Darts())
+    ratio = saved_tensor_bytes(lambda: net(x).sum(), net.parameters()) / saved_tensor_bytes(
+        lambda: darts(x).sum(), darts.parameters())
+    assert ratio < 0.35
