@@ -14,13 +14,15 @@ from .registry import create_strategy, get_strategy, list_strategies, register_s
 __version__ = '0.1.0'
 
 __all__ = ['create_strategy', 'get_strategy', 'list_strategies', 'register_strategy', '__version__',
-           'Darts', 'DartsVariant', 'Genotype', 'DartsCell']
+           'Darts', 'DartsVariant', 'Genotype', 'DartsCell', 'MergedConv', 'MergedEdgeOp']
 
 _LAZY = {
     'Darts': 'nni_darts_variants.strategies.darts',
     'DartsVariant': 'nni_darts_variants.strategies.base',
     'Genotype': 'nni_darts_variants.genotype',
     'DartsCell': 'nni_darts_variants.cell',
+    'MergedConv': 'nni_darts_variants.merged_conv',
+    'MergedEdgeOp': 'nni_darts_variants.merged_conv',
 }
 
 
