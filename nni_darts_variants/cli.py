@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser('list', help='list strategies and search spaces')
 
+    bench = sub.add_parser('bench', add_help=False,
+                           help='memory and speed of one search step of every strategy and of NNI\'s built-ins '
+                                '(nni-darts bench --help for its options)')
+    bench.add_argument('bench_args', nargs=argparse.REMAINDER)
+
     retrain = sub.add_parser('retrain', help='retrain a found architecture from scratch (pytorch-ignite)',
                              description='Retrain a genotype (JSON, NNI sample JSON, run folder, or a preset name '
                                          'such as DARTS_V2) with the DARTS evaluation protocol.')
@@ -72,6 +77,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_main
+    return bench_main(list(args.bench_args))
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from .retrain import run_retrain
     summary = run_retrain(args.target, args.config, args.overrides, output=args.output, resume=args.resume)
@@ -90,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     commands = {'list': lambda: _cmd_list(), 'search': lambda: _cmd_search(args),
-                'retrain': lambda: _cmd_retrain(args)}
+                'retrain': lambda: _cmd_retrain(args), 'bench': lambda: _cmd_bench(args)}
     try:
         return commands[args.command]()
     except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as err:
