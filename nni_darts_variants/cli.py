@@ -91,6 +91,11 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['bench']:  # the benchmark parses its own options (``nni-darts bench --help``)
+        warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+        from .bench import bench_main
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format='%(levelname)s %(message)s')

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-__all__ = ['DataError', 'SearchData', 'build_search_data', 'DATASETS', 'split_indices']
+__all__ = ['DataError', 'SearchData', 'build_search_data', 'DATASETS', 'split_indices', 'class_balanced_subsets',
+           'SUBSETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +48,52 @@ def split_indices(n: int, portion: float, seed: int) -> tuple[list[int], list[in
     if cut == 0 or cut == n:
         raise DataError(f'data.train_portion={portion} leaves one half of the {n} training images empty')
     return perm[:cut], perm[cut:]
+
+
+#: Search-data recipes over a training folder (``data.subset``): name -> description.
+SUBSETS: dict[str, str] = {
+    'pcdarts': "PC-DARTS ImageNet search: random, class-balanced weight_fraction (10%) / arch_fraction (2.5%) of "
+               "each class's images",
+}
+
+
+def class_balanced_subsets(targets: list[int] | torch.Tensor, fractions: tuple[float, ...], seed: int
+                           ) -> list[list[int]]:
+    """Disjoint, class-balanced random subsets of a labelled dataset, as index lists (no image is copied).
+
+    For every class, its indices are shuffled with a generator seeded by ``seed`` and cut into consecutive slices of
+    ``round(fraction * n_class)`` images (at least one), one slice per fraction: the PC-DARTS ImageNet recipe
+    (Xu et al., ICLR 2020, README: "randomly sample 10% and 2.5% images for each class" of the training set).
+    Returns one sorted index list per fraction.
+    """
+    if not fractions or any(not 0 < f < 1 for f in fractions) or sum(fractions) > 1:
+        raise DataError(f'subset fractions must each be in (0, 1) and sum to at most 1, got {list(fractions)}')
+    labels = torch.as_tensor(targets, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    subsets: list[list[int]] = [[] for _ in fractions]
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)].tolist()
+        sizes = [max(1, round(f * len(members))) for f in fractions]
+        if sum(sizes) > len(members):
+            raise DataError(f'class {label} has {len(members)} image(s), too few for the fractions {list(fractions)}')
+        start = 0
+        for subset, size in zip(subsets, sizes):
+            subset.extend(members[start:start + size])
+            start += size
+    return [sorted(subset) for subset in subsets]
+
+
+def _subset_indices(train: Dataset, subset: str, fractions: tuple[float, float], seed: int
+                    ) -> tuple[list[int], list[int]]:
+    if subset not in SUBSETS:
+        raise DataError(f'unknown data.subset {subset!r}; valid: {", ".join(SUBSETS)} (or null for the 50/50 split)')
+    targets = getattr(train, 'targets', None)
+    if targets is None:
+        raise DataError(f'data.subset={subset!r} needs a labelled ImageFolder dataset (data.name imagenet or '
+                        'imagefolder)')
+    weight_idx, arch_idx = class_balanced_subsets(targets, fractions, seed)
+    return weight_idx, arch_idx
 
 
 def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -134,16 +181,28 @@ DATASETS = {
 
 def build_search_data(name: str, root: str | None = None, download: bool = False, batch_size: int = 64,
                       train_portion: float = 0.5, num_workers: int = 0, image_size: int | None = None,
-                      limit: int | None = None, seed: int = 0, test_batch_size: int | None = None) -> SearchData:
-    """Build the loaders of a search on dataset ``name`` (see :data:`DATASETS`)."""
+                      limit: int | None = None, seed: int = 0, test_batch_size: int | None = None,
+                      subset: str | None = None, weight_fraction: float = 0.1, arch_fraction: float = 0.025
+                      ) -> SearchData:
+    """Build the loaders of a search on dataset ``name`` (see :data:`DATASETS`).
+
+    With ``subset='pcdarts'`` (ImageFolder data such as ``'imagenet'``), the weight and architecture halves are
+    disjoint class-balanced random subsets holding ``weight_fraction`` and ``arch_fraction`` of each class's
+    training images (:func:`class_balanced_subsets`) instead of the ``train_portion`` split; ``limit`` must be unset.
+    """
     if name not in DATASETS:
         raise DataError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
     if batch_size < 1:
         raise DataError(f'data.batch_size must be positive, got {batch_size}')
     factory, _ = DATASETS[name]
     train, test, in_channels, num_classes = factory(root, download, image_size, seed)
-    train = _limit(train, limit, seed)
-    w_idx, a_idx = split_indices(len(train), train_portion, seed)
+    if subset is not None:
+        if limit is not None:
+            raise DataError(f'data.limit={limit} cannot be combined with data.subset={subset!r}; unset one of them')
+        w_idx, a_idx = _subset_indices(train, subset, (weight_fraction, arch_fraction), seed)
+    else:
+        train = _limit(train, limit, seed)
+        w_idx, a_idx = split_indices(len(train), train_portion, seed)
     generator = torch.Generator().manual_seed(seed)
     common = {'num_workers': num_workers, 'persistent_workers': num_workers > 0}
     train_loader = DataLoader(Subset(train, w_idx), batch_size=batch_size, shuffle=True, drop_last=False,

@@ -2,7 +2,9 @@
 
 The run folder holds the resolved config (``config.yaml``), the genotype (``genotype.json``), NNI's sample dict
 (``sample.json``), the final architecture parameters and their history per epoch (``alphas.json``,
-``alpha_history.json``), the Lightning CSV metrics (``metrics/``), and ``result.json`` once the search finished.
+``alpha_history.json``), the Lightning CSV metrics (``metrics/``), the result bundle (``bundle/``: cell pictures,
+weight heatmaps and histories, size and FLOPs, the retrain command; see :mod:`nni_darts_variants.bundle`), and
+``result.json`` once the search finished.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from nni.nas.evaluator.pytorch.lightning import ClassificationModule
 from . import __version__
 from .config import ConfigError, apply_overrides, check_schema, load_yaml, merge
 from .data import SearchData, build_search_data
+from .distributed import DistributedArchSync, is_global_zero, lightning_strategy
 from .registry import build_space, create_strategy, get_strategy, strategy_parameters
 
 __all__ = ['SEARCH_SCHEMA', 'resolve_config', 'run_search', 'SearchResult', 'SearchClassification',
@@ -42,9 +45,9 @@ SEARCH_SCHEMA: dict[str, Any] = {
              'arch_fraction': 0.025},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
-              'progress_bar': True, 'eval_batches': 50},
+              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto'},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
-    'output': {'dir': None, 'overwrite': False},
+    'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
 OPEN_SECTIONS = ('strategy.args', 'space.args')
 
@@ -65,6 +68,10 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay'):
         if cfg['train'][key] < 0:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
+    try:
+        lightning_strategy(cfg['train']['strategy'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg['train']['learning_rate'] == 0:
         raise ConfigError('train.learning_rate must be positive, got 0')
     return cfg
@@ -114,6 +121,8 @@ def arch_state(oneshot_module: Any) -> dict[str, list]:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    if not is_global_zero():  # the run folder is global rank 0's (several devices)
+        return
     tmp = path.with_suffix(path.suffix + '.tmp')
     tmp.write_text(json.dumps(data, indent=1) + '\n')
     os.replace(tmp, path)
@@ -236,6 +245,7 @@ def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callb
                                   max_epochs=train['max_epochs'])
     trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
                       precision=train['precision'], enable_progress_bar=train['progress_bar'],
+                      strategy=lightning_strategy(train['strategy'], train['devices'], train['accelerator']),
                       enable_model_summary=False, callbacks=callbacks,
                       logger=pl.loggers.CSVLogger(str(run_dir), name='metrics'),  # version_N per session
                       num_sanity_val_steps=0, log_every_n_steps=1)
@@ -336,11 +346,12 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         output = resume
     cfg = resolve_config(config, list(overrides))
     run_dir = prepare_run_dir(cfg, output, overwrite)
-    for stale in ('result.json',):
+    for stale in ('result.json',) if is_global_zero() else ():
         (run_dir / stale).unlink(missing_ok=True)
     _write_json(run_dir / 'config.json', {'config': cfg, 'provenance': _provenance()})
     import yaml
-    (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if is_global_zero():
+        (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     pl.seed_everything(cfg['seed'], verbose=False)
     d = cfg['data']
@@ -364,7 +375,8 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
                                                  every_n_epochs=1, save_on_train_epoch_end=True)
     guard = DivergenceGuard(checkpoint_dir)
     evaluator = search_evaluator(cfg, data, run_dir,
-                                 [monitor, guard, RandomState([data.train, data.val]), checkpointing,
+                                 [monitor, guard, RandomState([data.train, data.val]), DistributedArchSync(),
+                                  checkpointing,
                                   *(callbacks or [])], ckpt_path=ckpt_path)
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((run_dir / 'nni').resolve())
@@ -373,13 +385,16 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     search_seconds = time.perf_counter() - start
     sample = experiment.export_top_models(formatter='dict')[0]
     genotype = strategy.export_genotype() if hasattr(strategy, 'export_genotype') else None
+    if not is_global_zero():  # another DDP rank: the same architecture (checked each epoch); rank 0 writes files
+        return SearchResult(run_dir, genotype, sample, {'search_seconds': round(search_seconds, 2)})
 
     _write_json(run_dir / 'sample.json', sample)
     if genotype is not None:
         genotype.save(run_dir / 'genotype.json')
     _write_json(run_dir / 'alphas.json', arch_state(strategy.oneshot_module))
-    _write_result_bundle(run_dir, cfg, genotype, sample, monitor.history, arch_state(strategy.oneshot_module),
-                         space_factory, data)
+    if cfg['output']['bundle']:
+        _write_result_bundle(run_dir, cfg, genotype, sample, monitor.history, arch_state(strategy.oneshot_module),
+                             space_factory, data)
     metrics: dict[str, Any] = {'search_seconds': round(search_seconds, 2),
                                'epoch_seconds': [round(t, 2) for t in monitor.epoch_times],
                                'supernet_val_acc': monitor.history[-1]['supernet_val_acc'] if monitor.history else None}

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ['DartsSpace']
+__all__ = ['DartsSpace', 'ProxylessSpace']
 
-_LAZY = {'DartsSpace': 'search_spaces.darts'}
+_LAZY = {'DartsSpace': 'search_spaces.darts', 'ProxylessSpace': 'search_spaces.proxylessnas'}
 
 
 def __getattr__(name: str) -> Any:
