@@ -18,14 +18,18 @@ def tiny_config(strategy='darts', epochs=2, **strategy_args):
     return {'seed': 3, 'strategy': {'name': strategy, 'args': strategy_args},
             'space': {'name': 'darts', 'args': {'width': 8, 'num_cells': 3}},
             'data': {'name': 'digits', 'batch_size': 64, 'limit': 256},
-            'train': {'max_epochs': epochs, 'progress_bar': False, 'eval_batches': 2}}
+            'train': {'max_epochs': epochs, 'progress_bar': False, 'eval_batches': 2},
+            'output': {'bundle': False}}
 
 
 def test_run_folder_holds_everything(tmp_path):
-    result = run_search(tiny_config(), output=tmp_path / 'run')
+    cfg = tiny_config()
+    cfg['output']['bundle'] = True
+    result = run_search(cfg, output=tmp_path / 'run')
     run = tmp_path / 'run'
     for name in ('config.yaml', 'config.json', 'genotype.json', 'sample.json', 'alphas.json', 'alpha_history.json',
-                 'result.json', 'checkpoints/last.ckpt'):
+                 'result.json', 'checkpoints/last.ckpt', 'bundle/summary.json', 'bundle/cell_normal.png',
+                 'bundle/cell_reduce.png', 'bundle/weights_normal.png', 'bundle/history_normal.png'):
         assert (run / name).exists(), name
     history = json.loads((run / 'alpha_history.json').read_text())
     assert [h['epoch'] for h in history] == [0, 1]
