@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-__all__ = ['ConfigError', 'load_yaml', 'apply_overrides', 'merge', 'check_schema']
+__all__ = ['ConfigError', 'load_yaml', 'apply_overrides', 'set_dotted', 'merge', 'check_schema']
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,22 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def set_dotted(config: dict[str, Any], key: str, value: Any, where: str = 'override') -> None:
+    """Set ``config[a][b][c] = value`` for ``key = 'a.b.c'`` in place, creating missing sections."""
+    parts = [p for p in str(key).strip().split('.') if p]
+    if not parts:
+        raise ConfigError(f'{where} {key!r} has an empty key; use dotted keys such as section.key')
+    node = config
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f'{where} {key!r}: {part!r} is a value, not a section')
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``1e-3``, ``[2, 4]``, ``true``)."""
     config = copy.deepcopy(config)
@@ -52,18 +68,7 @@ def apply_overrides(config: dict[str, Any], overrides: Iterable[str]) -> dict[st
         if '=' not in item:
             raise ConfigError(f'override {item!r} has no "="; write it as section.key=value')
         key, _, text = item.partition('=')
-        parts = [p for p in key.strip().split('.') if p]
-        if not parts:
-            raise ConfigError(f'override {item!r} has an empty key; write it as section.key=value')
-        node = config
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f'override {item!r}: {part!r} is a value, not a section')
-            node = child
-        node[parts[-1]] = _parse_value(text)
+        set_dotted(config, key, _parse_value(text), where='override')
     return config
 
 

@@ -131,3 +131,19 @@ def run_tiny_search(strategy: Any, space: Any = None, max_epochs: int = 1, seed:
     experiment.run()
     sample = experiment.export_top_models(formatter='dict')[0]
     return TinySearch(strategy, sample, snapshot, experiment)
+
+
+def count_depthwise_convs(monkeypatch: Any) -> list[int]:
+    """Patch ``torch.nn.functional.conv2d`` to record the groups of every depthwise call; returns the record list."""
+    import torch.nn.functional as F
+    calls: list[int] = []
+    original = F.conv2d
+
+    def counting(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        groups = kwargs.get('groups', args[4] if len(args) > 4 else 1)
+        if groups > 1 and groups == input.shape[1]:
+            calls.append(groups)
+        return original(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, 'conv2d', counting)
+    return calls

@@ -57,22 +57,10 @@ def apply_parameters(config: Mapping[str, Any], parameters: Mapping[str, Any] | 
     A key that does not name a config value is left for :func:`~nni_darts_variants.search.resolve_config` to
     reject with the valid keys listed.
     """
-    from .config import ConfigError, merge
+    from .config import merge, set_dotted
     result = merge(config, {})
     for key, value in (parameters or {}).items():
-        parts = [p for p in str(key).split('.') if p]
-        if not parts:
-            raise ConfigError(f'search space key {key!r} is empty; use dotted config keys such as '
-                              'strategy.args.partial_channels_k')
-        node = result
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f'search space key {key!r}: {part!r} is a value, not a section')
-            node = child
-        node[parts[-1]] = value
+        set_dotted(result, key, value, where='search space key')
     return result
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from nni_darts_variants.testing import count_depthwise_convs
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -28,16 +30,7 @@ def _x(size: int = 11, batch: int = 3) -> torch.Tensor:
 
 
 def _count_depthwise(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = F.conv2d
-
-    def counting(input, weight, *args, **kwargs):
-        groups = kwargs.get('groups', args[4] if len(args) > 4 else 1)
-        if groups > 1 and groups == input.shape[1]:
-            calls.append(groups)
-        return original(input, weight, *args, **kwargs)
-    monkeypatch.setattr(torch.nn.functional, 'conv2d', counting)
-    return calls
+    return count_depthwise_convs(monkeypatch)
 
 
 def test_masks_have_the_receptive_fields():

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+from nni_darts_variants.testing import count_depthwise_convs
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,15 +58,7 @@ def test_every_cell_edge_is_merged_and_keeps_darts_alphas(supernet):
 
 def test_one_depthwise_convolution_per_edge_per_forward(supernet, monkeypatch):
     _, net = supernet()
-    depthwise = []
-    original = F.conv2d
-
-    def counting(input, weight, *args, **kwargs):
-        groups = kwargs.get('groups', args[4] if len(args) > 4 else 1)
-        if groups > 1 and groups == input.shape[1]:
-            depthwise.append(groups)
-        return original(input, weight, *args, **kwargs)
-    monkeypatch.setattr(torch.nn.functional, 'conv2d', counting)
+    depthwise = count_depthwise_convs(monkeypatch)
     net(torch.randn(2, 1, 8, 8))
     assert len(depthwise) == 14 * 3
 
