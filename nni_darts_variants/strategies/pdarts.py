@@ -113,8 +113,9 @@ class PDartsLightning(VariantLightningModule):
     Stage ``s`` covers epochs ``[s E, (s+1) E)`` (``E = epochs_per_stage``). At its first epoch :meth:`schedule`
     prunes every cell edge to ``num_to_keep[s-1]`` operations and swaps in a fresh network with
     ``stage_cells[s]`` cells, fresh alphas and fresh optimizers (:meth:`build_stage`). Stage 1 is built in
-    :meth:`setup` when the model space's depth differs from ``stage_cells[0]``. Single device; resuming a search
-    from a Lightning checkpoint is not supported (the stage network is not rebuilt from it).
+    :meth:`setup` when the model space's depth differs from ``stage_cells[0]``. A checkpoint records the stage and
+    the per-edge operation lists, and loading it rebuilds that stage's network first, so a search resumes across
+    stage boundaries.
     """
 
     def __init__(self, training_module: Any, strategy: 'PDarts'):
@@ -179,6 +180,19 @@ class PDartsLightning(VariantLightningModule):
 
     def arch_update_enabled(self, batch_idx: int) -> bool:
         return self.trainer.current_epoch % self.strategy.epochs_per_stage >= self.strategy.stage_warmup_epochs
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        operations = {str(label): [str(op) for op in ops] for label, ops in self.stage_operations.items()}
+        checkpoint['pdarts'] = {'stage': int(self.stage), 'stage_operations': operations}  # plain types only
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the checkpoint's stage network (and its optimizers) before Lightning loads its state into it."""
+        state = checkpoint.get('pdarts')
+        if state and (state['stage'] != self.stage or state['stage_operations'] != self.stage_operations):
+            self.stage_operations = state['stage_operations']
+            self.build_stage(state['stage'], optimizers=True)
+        super().on_load_checkpoint(checkpoint)
 
     def export_cell(self, cell: Any) -> dict[str, Any]:
         self._max_skip = self.strategy.max_skip_connect if cell.label == 'normal' else None
