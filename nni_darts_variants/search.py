@@ -234,15 +234,20 @@ class RandomState(pl.Callback):
             g.set_state(s)
 
 
+def _schedule_epochs(strategy: Any, max_epochs: int) -> int:
+    hook = getattr(strategy, 'schedule_epochs', None)
+    return hook(max_epochs) if callable(hook) else max_epochs
+
+
 def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list,
-                     ckpt_path: str | None = None) -> Lightning:
+                     ckpt_path: str | None = None, schedule_epochs: int | None = None) -> Lightning:
     """NNI ``Lightning`` evaluator with :class:`SearchClassification`, a Lightning CSV logger and per-epoch
     checkpoints (``checkpoints/last.ckpt``) in the run folder."""
     train = cfg['train']
     module = SearchClassification(learning_rate=train['learning_rate'], learning_rate_min=train['learning_rate_min'],
                                   momentum=train['momentum'], weight_decay=train['weight_decay'],
                                   nesterov=train['nesterov'], num_classes=data.num_classes,
-                                  max_epochs=train['max_epochs'])
+                                  max_epochs=schedule_epochs or train['max_epochs'])
     trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
                       precision=train['precision'], enable_progress_bar=train['progress_bar'],
                       strategy=lightning_strategy(train['strategy'], train['devices'], train['accelerator']),
@@ -377,7 +382,8 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     evaluator = search_evaluator(cfg, data, run_dir,
                                  [monitor, guard, RandomState([data.train, data.val]), DistributedArchSync(),
                                   checkpointing,
-                                  *(callbacks or [])], ckpt_path=ckpt_path)
+                                  *(callbacks or [])], ckpt_path=ckpt_path,
+                                 schedule_epochs=_schedule_epochs(strategy, cfg['train']['max_epochs']))
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((run_dir / 'nni').resolve())
     start = time.perf_counter()

@@ -407,6 +407,10 @@ class DartsVariant(DARTS):
         """Configuration handed to the supermodules' ``mutate`` (override to add the variant's settings)."""
         return {}
 
+    def schedule_epochs(self, max_epochs: int) -> int:
+        """Epochs that one run of the weight learning-rate schedule spans: the whole search by default."""
+        return max_epochs
+
     def default_mutation_hooks(self) -> list:
         return [self.edge_class.mutate, self.node_class.mutate, DifferentiableMixedRepeat.mutate, no_default_hook]
 

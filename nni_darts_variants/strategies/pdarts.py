@@ -267,6 +267,10 @@ class PDarts(DartsVariant):
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
 
+    def schedule_epochs(self, max_epochs: int) -> int:
+        """Each stage restarts the weight schedule (fresh optimizers), over one stage's epochs, as the official code."""
+        return self.epochs_per_stage
+
     @classmethod
     def quick_kwargs(cls) -> dict[str, Any]:
         """One stage of one epoch on the 3-cell test space, alphas trained from the first batch."""
