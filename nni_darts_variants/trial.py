@@ -147,7 +147,13 @@ def run_trial(config_path: str, overrides: Sequence[str] = (), output: str | Non
     _logger.info('trial parameters from the tuner: %s', parameters)
     config = apply_parameters(apply_overrides(load_yaml(config_path), overrides), parameters)
     reporter = NniReporter()
-    result = run_search(config, output=trial_output_dir(output), listeners=[reporter])
+    run_dir = trial_output_dir(output)
+    # A trial restarted on the folder of an interrupted search continues it from its last checkpoint.
+    interrupted = run_dir is not None and (run_dir / 'checkpoints' / 'last.ckpt').exists() \
+        and not (run_dir / 'result.json').exists()
+    if interrupted:
+        _logger.info('resuming the interrupted search in %s', run_dir)
+    result = run_search(config, output=run_dir, listeners=[reporter], resume=run_dir if interrupted else None)
     final = final_metrics(result)
     reporter.final(final)
     _logger.info('final result: %s', final)

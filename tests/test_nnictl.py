@@ -107,6 +107,32 @@ def test_trial_reports_every_epoch_and_the_final_result(channel, tmp_path):
     json.dumps(recorder.metrics)  # NNI serializes every metric
 
 
+def test_interrupted_trial_resumes_where_it_stopped(channel, tmp_path):
+    """A trial restarted on the folder of an interrupted search continues it and reports only the new epochs."""
+    import pytorch_lightning as pl
+    from nni_darts_variants.search import run_search
+    from nni_darts_variants.trial import main
+
+    class Kill(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    run_dir = tmp_path / 'nni-output' / 'search'
+    cfg = yaml.safe_load((SMOKE / 'search' / 'darts-1st.yml').read_text())
+    cfg['data']['limit'] = 64
+    cfg['train']['max_epochs'] = 2
+    with pytest.raises(BaseException):
+        run_search(cfg, output=run_dir, callbacks=[Kill()])
+    assert (run_dir / 'checkpoints' / 'last.ckpt').exists() and not (run_dir / 'result.json').exists()
+    recorder = channel({})
+    assert main(['--config', str(SMOKE / 'search' / 'darts-1st.yml'), '--set', 'data.limit=64',
+                 '--set', 'train.max_epochs=2']) == 0
+    assert [m['type'] for m in recorder.metrics] == ['PERIODICAL', 'FINAL']
+    assert recorder.metrics[0]['value']['epoch'] == 1
+    assert [h['epoch'] for h in json.loads((run_dir / 'alpha_history.json').read_text())] == [0, 1]
+
+
 def test_trial_fails_on_a_bad_parameter(channel):
     from nni_darts_variants.trial import main
     recorder = channel({'strategy.args.no_such_argument': 1})
