@@ -45,7 +45,7 @@ SEARCH_SCHEMA: dict[str, Any] = {
              'arch_fraction': 0.025},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
-              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto'},
+              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
@@ -186,6 +186,21 @@ class SearchMonitor(pl.Callback):
         _logger.info('epoch %d: supernet accuracy %.4f (%.1f s)', trainer.current_epoch, acc, seconds)
         for listener in self.listeners:
             listener(trainer.current_epoch, {**metrics, 'genotype': genotype})
+
+
+class ChannelsLast(pl.Callback):
+    """Keep the supernet (and each input batch) in the channels-last memory layout (``train.channels_last``)."""
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        pl_module.to(memory_format=torch.channels_last)  # a new P-DARTS stage network arrives in NCHW
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        for part in batch.values() if isinstance(batch, dict) else [batch]:
+            if isinstance(part, (list, tuple)) and part and torch.is_tensor(part[0]) and part[0].dim() == 4:
+                part[0].data = part[0].contiguous(memory_format=torch.channels_last)
 
 
 class DivergenceError(RuntimeError):
@@ -381,7 +396,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     guard = DivergenceGuard(checkpoint_dir)
     evaluator = search_evaluator(cfg, data, run_dir,
                                  [monitor, guard, RandomState([data.train, data.val]), DistributedArchSync(),
-                                  checkpointing,
+                                  checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
                                   *(callbacks or [])], ckpt_path=ckpt_path,
                                  schedule_epochs=_schedule_epochs(strategy, cfg['train']['max_epochs']))
     experiment = NasExperiment(space, evaluator, strategy)

@@ -79,6 +79,19 @@ def test_resumed_search_equals_uninterrupted(tmp_path, name):
     assert [h['epoch'] for h in json.loads((tmp_path / 'part' / 'alpha_history.json').read_text())] == [0, 1, 2]
 
 
+@pytest.mark.parametrize('strategy, args', [('darts', {'order': 2}), ('gdas', {})])
+def test_mixed_precision_and_channels_last_search(tmp_path, strategy, args):
+    """bf16 autocast and the channels-last layout run every part of a search step, including second-order DARTS's
+    Hessian-vector product and GDAS's Gumbel sampling, and leave finite, moved alphas."""
+    cfg = tiny_config(strategy, epochs=1, arc_learning_rate=0.1, **args)  # large steps: alphas must visibly move
+    cfg['train'].update(precision='bf16-mixed', channels_last=True)
+    result = run_search(cfg, output=tmp_path / 'run')
+    alphas = json.loads((tmp_path / 'run' / 'alphas.json').read_text())
+    values = [v for vs in alphas.values() for v in (vs if isinstance(vs[0], float) else sum(vs, []))]
+    assert all(abs(v) < 1e3 for v in values) and any(abs(v) > 1e-2 for v in values)
+    assert result.genotype is not None
+
+
 def test_same_seed_same_run(tmp_path):
     a = run_search(tiny_config(epochs=1), output=tmp_path / 'a')
     b = run_search(tiny_config(epochs=1), output=tmp_path / 'b')
