@@ -9,8 +9,9 @@ intermediate nodes; the cell output is the channel concatenation of the intermed
 
 Because the primitives are NNI's own, ``model_space.freeze(sample)`` gives the discrete cell (only the two chosen
 edges of each node are built) and NNI's built-in DARTS, GumbelDARTS and Proxyless strategies can search it (with
-their own per-node input weights). The strategies of this package replace the whole cell with a supermodule that
-implements the DARTS cell exactly (sum of all incoming mixed edges, derivation by the DARTS rule).
+their own per-node input weights). The strategies of this package replace each edge's ``LayerChoice`` with their
+mixed edge and each node's ``InputChoice`` with a node that sums all incoming edges (as DARTS does), and derive the
+two inputs of each node from the edge weights by the DARTS rule (``VariantLightningModule.export``).
 """
 from __future__ import annotations
 
