@@ -89,15 +89,21 @@ def strategy_parameters(klass: type) -> dict[str, inspect.Parameter]:
     return params
 
 
-def create_strategy(name: str, **kwargs: Any) -> Any:
-    """Build the strategy ``name``; an unknown keyword is an error naming it and listing the valid ones."""
+def check_strategy_arguments(name: str, kwargs: Any) -> type:
+    """The class of strategy ``name``; an unknown keyword in ``kwargs`` is a ``TypeError`` naming it and the valid
+    ones (nothing is built)."""
     klass = get_strategy(name)
     valid = strategy_parameters(klass)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise TypeError(f'strategy {name!r} got unknown argument(s) {unknown}; valid arguments: '
                         f'{", ".join(sorted(valid))}')
-    return klass(**kwargs)
+    return klass
+
+
+def create_strategy(name: str, **kwargs: Any) -> Any:
+    """Build the strategy ``name``; an unknown keyword is an error naming it and listing the valid ones."""
+    return check_strategy_arguments(name, kwargs)(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

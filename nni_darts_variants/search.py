@@ -28,7 +28,7 @@ from . import __version__
 from .config import ConfigError, apply_overrides, check_schema, load_yaml, merge
 from .data import SearchData, build_search_data
 from .distributed import DistributedArchSync, is_global_zero, lightning_strategy
-from .registry import build_space, create_strategy, get_strategy, strategy_parameters
+from .registry import build_space, check_strategy_arguments, create_strategy
 
 __all__ = ['SEARCH_SCHEMA', 'resolve_config', 'run_search', 'SearchResult', 'SearchClassification',
            'search_evaluator', 'arch_state', 'evaluate_sample', 'DivergenceError']
@@ -57,12 +57,10 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     raw = apply_overrides(raw, overrides)
     cfg = check_schema(raw, SEARCH_SCHEMA, open_sections=OPEN_SECTIONS)
-    name = cfg['strategy']['name']
-    valid = strategy_parameters(get_strategy(name))
-    unknown = sorted(set(cfg['strategy']['args']) - set(valid))
-    if unknown:
-        raise ConfigError(f'strategy.args: unknown argument(s) {unknown} for strategy {name!r}; valid: '
-                          f'{", ".join(sorted(valid))}')
+    try:
+        check_strategy_arguments(cfg['strategy']['name'], cfg['strategy']['args'])
+    except TypeError as err:
+        raise ConfigError(f'strategy.args: {err}') from None
     if cfg['train']['max_epochs'] < 1:
         raise ConfigError(f'train.max_epochs must be >= 1, got {cfg["train"]["max_epochs"]}')
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay'):
@@ -366,8 +364,8 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         output = resume
     cfg = resolve_config(config, list(overrides))
     run_dir = prepare_run_dir(cfg, output, overwrite)
-    for stale in ('result.json',) if is_global_zero() else ():
-        (run_dir / stale).unlink(missing_ok=True)
+    if is_global_zero():
+        (run_dir / 'result.json').unlink(missing_ok=True)
     _write_json(run_dir / 'config.json', {'config': cfg, 'provenance': _provenance()})
     import yaml
     if is_global_zero():
