@@ -20,7 +20,7 @@ _LAZY = {
     'Darts': 'nni_darts_variants.strategies.darts',
     'DartsVariant': 'nni_darts_variants.strategies.base',
     'Genotype': 'nni_darts_variants.genotype',
-    'DartsCell': 'nni_darts_variants.cell',
+    'DartsCell': 'search_spaces.cell',
     'MergedConv': 'nni_darts_variants.merged_conv',
     'MergedEdgeOp': 'nni_darts_variants.merged_conv',
 }

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cell import edge_label, input_label
+from search_spaces.cell import edge_label, input_label
 
 __all__ = ['Genotype', 'darts_rule', 'EdgeWeights', 'CELL_TYPES']
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import FactorizedReduce, PoolBN, Zero
+from search_spaces.ops import FactorizedReduce, PoolBN, Zero
 
 __all__ = ['MergedConv', 'MergedEdgeOp', 'MERGEABLE_CONVS', 'LINEAR_OPS', 'is_mergeable', 'receptive_field_mask',
            'linear_op_kernel']

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ['DartsSpace', 'ProxylessSpace']
+__all__ = ['DartsSpace', 'ProxylessSpace', 'DartsCell']
 
-_LAZY = {'DartsSpace': 'search_spaces.darts', 'ProxylessSpace': 'search_spaces.proxylessnas'}
+_LAZY = {'DartsSpace': 'search_spaces.darts', 'ProxylessSpace': 'search_spaces.proxylessnas', 'DartsCell': 'search_spaces.cell'}
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from nni.nas.nn.pytorch import ModelSpace
 
-from nni_darts_variants.cell import DartsCell, OperationSpec
+from .cell import DartsCell, OperationSpec
 
 __all__ = ['DartsSpace', 'DATASET_PRESETS', 'reduction_indices']
 

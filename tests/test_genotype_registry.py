@@ -7,7 +7,7 @@ import torch
 from nni_darts_variants import create_strategy, list_strategies, register_strategy
 from nni_darts_variants.config import ConfigError, apply_overrides, check_schema
 from nni_darts_variants.genotype import Genotype, darts_rule
-from nni_darts_variants.ops import PRIMITIVES
+from search_spaces.ops import PRIMITIVES
 from nni_darts_variants.strategies.darts import Darts
 from nni_darts_variants.testing import tiny_evaluator, tiny_space
 

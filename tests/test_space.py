@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nni_darts_variants.cell import DartsCell
+from search_spaces.cell import DartsCell
 from nni_darts_variants.genotype import Genotype
-from nni_darts_variants.ops import PRIMITIVES, PoolBN
+from search_spaces.ops import PRIMITIVES, PoolBN
 from nni_darts_variants.testing import tiny_evaluator, tiny_space
 from search_spaces import DartsSpace
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..genotype import CELL_TYPES, Genotype
-from ..ops import OPS, FactorizedReduce, ReLUConvBN, build_op
+from search_spaces.ops import OPS, FactorizedReduce, ReLUConvBN, build_op
 
 __all__ = ['EvalNetwork', 'EvalCell', 'AuxiliaryHead', 'drop_path', 'validate_genotype', 'count_parameters',
            'NETWORKS']

@@ -20,7 +20,7 @@ from nni.nas.oneshot.pytorch.strategy import no_default_hook
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
 from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedRepeat
 
-from ..cell import DartsCell, edge_label, input_label
+from search_spaces.cell import DartsCell, edge_label, input_label
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 
 __all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of']
@@ -40,7 +40,7 @@ def loss_of(step_output: Any) -> torch.Tensor:
 class MixedEdge(LayerChoice, BaseSuperNetModule):
     """DARTS's mixed operation: ``sum_o softmax(alpha)_o * o(x)`` over every candidate of a ``LayerChoice``.
 
-    It replaces each NNI ``LayerChoice`` (every edge of a :class:`~nni_darts_variants.cell.DartsCell`, and choices
+    It replaces each NNI ``LayerChoice`` (every edge of a :class:`~search_spaces.cell.DartsCell`, and choices
     outside cells too). It stays a ``LayerChoice``, so ``freeze(sample)`` on the supernet keeps working. All modules
     with the same label share one ``alpha`` (NNI's memo), hence all cells of a type share their parameters.
 
@@ -109,7 +109,7 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
 class MixedNode(InputChoice, BaseSuperNetModule):
     """An intermediate node of a DARTS cell in the supernet: the plain sum of all its incoming mixed edges.
 
-    It replaces each ``InputChoice`` of a :class:`~nni_darts_variants.cell.DartsCell`. DARTS has no parameter here;
+    It replaces each ``InputChoice`` of a :class:`~search_spaces.cell.DartsCell`. DARTS has no parameter here;
     the node's two inputs are chosen by the strategy's discretization. Variants with per-edge node weights (PC-DARTS's
     edge normalization) override :meth:`input_weights` and :meth:`arch_parameters`; the NNI memo holds an alpha of
     length ``n_candidates`` for the label, ready to be used as such weights.

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from nni.nas.nn.pytorch import LayerChoice
 
-from ..ops import PRIMITIVES
+from search_spaces.ops import PRIMITIVES
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, VariantLightningModule, loss_of
 

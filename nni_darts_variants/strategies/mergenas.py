@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 from nni.nas.nn.pytorch import LayerChoice
 
-from ..cell import EdgeSpec
+from search_spaces.cell import EdgeSpec
 from ..merged_conv import MergedEdgeOp
-from ..ops import build_op
+from search_spaces.ops import build_op
 from ..registry import register_strategy
 from .base import MixedEdge
 from .darts import Darts
@@ -55,7 +55,7 @@ class MergedEdge(MixedEdge):
     Parameters
     ----------
     spec
-        The edge's :class:`~nni_darts_variants.cell.EdgeSpec` (channels, stride, affine, pool_bn).
+        The edge's :class:`~search_spaces.cell.EdgeSpec` (channels, stride, affine, pool_bn).
     names
         Candidate operation names (DARTS primitives).
     alpha

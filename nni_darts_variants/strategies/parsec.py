@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cell import DartsCell, edge_label, input_label
+from search_spaces.cell import DartsCell, edge_label, input_label
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, loss_of
 

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from nni.nas.nn.pytorch import InputChoice, LayerChoice
 
-from ..cell import DartsCell, EdgeSpec
-from ..ops import build_op
+from search_spaces.cell import DartsCell, EdgeSpec
+from search_spaces.ops import build_op
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule
 
@@ -54,7 +54,7 @@ class PartialChannelEdge(MixedEdge):
     """A PC-DARTS mixed edge: the first ``C/K`` channels go through every candidate, the rest bypass the edge.
 
     ``out = channel_shuffle(cat([sum_o softmax(alpha)_o * o(x[:, :C/K]), bypass(x[:, C/K:])]), K)``, where the
-    candidates are rebuilt at ``C/K`` channels from the edge's :class:`~nni_darts_variants.cell.EdgeSpec` and
+    candidates are rebuilt at ``C/K`` channels from the edge's :class:`~search_spaces.cell.EdgeSpec` and
     ``bypass`` is ``MaxPool2d(2, 2)`` on stride-2 edges and the identity otherwise (official ``MixedOp``). The slice
     is fixed; the shuffle moves other channels into it in the next cell. Choices outside DARTS cells (no
     ``darts_edge``) keep their candidates and are mixed over all channels (K=1).

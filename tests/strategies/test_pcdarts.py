@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nni_darts_variants.cell import EdgeSpec
+from search_spaces.cell import EdgeSpec
 from nni_darts_variants.genotype import darts_rule
 from nni_darts_variants.memory import saved_tensor_bytes
 from nni_darts_variants.strategies.base import VariantLightningModule

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from nni_darts_variants.merged_conv import (MERGEABLE_CONVS, MergedConv, MergedEdgeOp, linear_op_kernel,
                                             receptive_field_mask)
-from nni_darts_variants.ops import PRIMITIVES, DilConv, FactorizedReduce, PoolBN
+from search_spaces.ops import PRIMITIVES, DilConv, FactorizedReduce, PoolBN
 
 CONVS = list(MERGEABLE_CONVS)
 C = 4
@@ -153,7 +153,7 @@ def test_convolution_mass_scales_the_convolution_part():
 
 
 def test_fewer_parameters_than_the_darts_edge():
-    from nni_darts_variants.ops import build_op
+    from search_spaces.ops import build_op
     channels = 16
     merged = sum(p.numel() for p in MergedEdgeOp(channels, 1, PRIMITIVES).parameters())
     darts = sum(p.numel() for n in PRIMITIVES for p in build_op(n, channels, 1, False, True).parameters())

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nni_darts_variants import create_strategy
-from nni_darts_variants.ops import PRIMITIVES, SepConv
+from search_spaces.ops import PRIMITIVES, SepConv
 from nni_darts_variants.strategies.base import MixedEdge
 from nni_darts_variants.strategies.mergenas import MergedEdge, MergeNAS
 from nni_darts_variants.testing import tiny_space

@@ -8,7 +8,7 @@ import torch
 
 from nni_darts_variants import create_strategy
 from nni_darts_variants.genotype import darts_rule
-from nni_darts_variants.ops import PRIMITIVES
+from search_spaces.ops import PRIMITIVES
 from nni_darts_variants.strategies.pdarts import (PDarts, PDartsEdge, drop_operations, limit_skip_connections,
                                                   skip_dropout_rate, space_blueprint)
 from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space

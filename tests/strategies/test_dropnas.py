@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from nni.mutable import frozen_context
 
-from nni_darts_variants.ops import PRIMITIVES
+from search_spaces.ops import PRIMITIVES
 from nni_darts_variants.strategies import dropnas
 from nni_darts_variants.strategies.base import MixedEdge
 from nni_darts_variants.strategies.dropnas import (DropEdge, DropNAS, adjust_kept_alphas, kept_share,
