@@ -301,10 +301,7 @@ def bench_loaders(cfg: BenchConfig, batch_size: int, num_classes: int = 10) -> d
 
 def _bench_kwargs(klass: type) -> tuple[dict[str, Any], list[str]]:
     """Overrides that make every batch a full search step (architecture and weights); and notes saying so."""
-    from .registry import strategy_parameters
-    params = strategy_parameters(klass)
-    wanted = {'warmup_epochs': 0, 'stage_warmup_epochs': 0, 'arch_update_every': 1}
-    kwargs = {k: v for k, v in wanted.items() if k in params and params[k].default != v}
+    kwargs = dict(klass.full_step_kwargs())
     return kwargs, [f'{k}={v}' for k, v in kwargs.items()]
 
 

@@ -128,6 +128,15 @@ def list_spaces() -> dict[str, str]:
     return {name: desc for name, (module, _, desc) in sorted(BUILTIN_SPACES.items()) if _available(module)}
 
 
+def init_signature(klass: type) -> inspect.Signature:
+    """The constructor signature of a model-space class (``self`` included).
+
+    NNI's ``ModelSpace`` wraps ``__init__`` as ``(*args, **kwargs)`` and keeps the original in the private
+    ``_init_wrapped``; there is no public accessor, so this is the one place that reads it (checked against NNI 3.0).
+    """
+    return inspect.signature(getattr(klass, '_init_wrapped', None) or klass.__init__)
+
+
 def get_space(name: str) -> type:
     if name not in BUILTIN_SPACES or not _available(BUILTIN_SPACES[name][0]):
         raise ValueError(f'unknown search space {name!r}; valid spaces: {", ".join(list_spaces())}')
@@ -140,8 +149,7 @@ def build_space(name: str, *, in_channels: int | None = None, num_classes: int |
     """Build the space ``name`` for data with ``in_channels`` and ``num_classes``; unknown or clashing arguments
     are errors naming them."""
     klass = get_space(name)
-    init = getattr(klass, '_init_wrapped', None) or klass.__init__
-    params = {k for k in inspect.signature(init).parameters if k != 'self'}
+    params = {k for k in init_signature(klass).parameters if k != 'self'}
     unknown = sorted(set(kwargs) - params)
     if unknown:
         raise TypeError(f'space {name!r} got unknown argument(s) {unknown}; valid arguments: {", ".join(sorted(params))}')

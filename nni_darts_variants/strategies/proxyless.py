@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule
+from .base import DartsVariant, MixedEdge, VariantLightningModule, first_per_label
 
 __all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
            'GRAD_BINARY_MODES', 'ZERO_OPS']
@@ -123,11 +123,7 @@ class ProxylessEdge(MixedEdge):
 
 def unique_edges(modules: Iterable[nn.Module]) -> list[ProxylessEdge]:
     """One :class:`ProxylessEdge` per label (all modules of a label share alpha and sample)."""
-    edges: dict[str, ProxylessEdge] = {}
-    for module in modules:
-        if isinstance(module, ProxylessEdge):
-            edges.setdefault(module.label, module)
-    return list(edges.values())
+    return list(first_per_label(modules, ProxylessEdge).values())
 
 
 def prepare_arch_update(edges: Iterable[ProxylessEdge]) -> None:
@@ -242,9 +238,13 @@ class ProxylessNAS(DartsVariant):
                             arc_weight_decay)
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search where alphas move: an arch step every batch, no warm-up."""
         return {'warmup_epochs': 0, 'arch_update_every': 1}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        return {'arch_update_every': 1}
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'grad_binary_mode': self.grad_binary_mode}
