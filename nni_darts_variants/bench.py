@@ -353,7 +353,7 @@ def build_row_module(row: str, cfg: BenchConfig) -> tuple[Any, Any, int, str]:
     strategy, note = build_row_strategy(row)
     space = DartsSpace(width=cfg.width, num_cells=cfg.num_cells, dataset='cifar10')
     strategy.mutate_model(space)
-    epochs = getattr(strategy, 'total_epochs', SEARCH_EPOCHS)
+    epochs = strategy.required_max_epochs() or SEARCH_EPOCHS
     module = strategy.configure_oneshot_module(SearchClassification(num_classes=10, max_epochs=epochs))
     module.set_model(space)
     return strategy, module, epochs, note

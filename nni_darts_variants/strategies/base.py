@@ -453,9 +453,10 @@ class DartsVariant(DARTS):
         Extra NNI mutation hooks, run before the variant's own.
     """
 
-    #: Name in the registry (``create_strategy(name)``).
+    #: Name in the registry (``create_strategy(name)``); for built-ins set by ``register_strategy`` from
+    #: ``registry.BUILTIN_STRATEGIES``, where it is written once.
     name: ClassVar[str] = ''
-    #: One line for ``nni-darts list``.
+    #: One line for ``nni-darts list`` (for built-ins, likewise from the registry).
     description: ClassVar[str] = ''
     edge_class: ClassVar[type[MixedEdge]] = MixedEdge
     node_class: ClassVar[type[MixedNode]] = MixedNode
@@ -510,6 +511,10 @@ class DartsVariant(DARTS):
     @classmethod
     def trainer_max_epochs(cls, **strategy_args: Any) -> int | None:
         """The trainer's ``max_epochs`` that the strategy built with ``strategy_args`` requires (``None``: any)."""
+        return None
+
+    def required_max_epochs(self) -> int | None:
+        """:meth:`trainer_max_epochs` of this strategy's own arguments (``None``: any)."""
         return None
 
     @classmethod

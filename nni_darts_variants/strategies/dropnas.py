@@ -256,8 +256,6 @@ class DropNAS(DartsVariant):
         alphas are frozen.
     """
 
-    name = 'dropnas'
-    description = 'DropNAS (Hong et al. 2020): grouped operation dropout for one-level DARTS'
     edge_class = DropEdge
     module_class = DropNASLightning
 

@@ -159,8 +159,6 @@ class Gdas(DartsVariant):
         belongs to the evaluator.
     """
 
-    name = 'gdas'
-    description = 'GDAS (Dong & Yang 2019): hard Gumbel-max sampling, one op per edge, straight-through gradients'
     edge_class = GumbelMaxEdge
     module_class = GdasLightning
 

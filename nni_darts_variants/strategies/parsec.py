@@ -268,8 +268,6 @@ class Parsec(DartsVariant):
         amount to every child's loss.
     """
 
-    name = 'parsec'
-    description = 'PARSEC (Casale et al. 2019): sampled child networks, importance-weighted empirical Bayes'
     edge_class: ClassVar[type[MixedEdge]] = ParsecEdge
     node_class: ClassVar[type[MixedNode]] = ParsecNode
     module_class = ParsecLightning

@@ -167,8 +167,6 @@ class PCDarts(DartsVariant):
         1e-3; weight gradients clipped at 5).
     """
 
-    name = 'pcdarts'
-    description = 'PC-DARTS (Xu et al. 2020): partial channel connections (1/K) and edge normalization'
     edge_class = PartialChannelEdge
     node_class = EdgeNormalizedNode
     module_class = PCDartsLightning

@@ -128,7 +128,8 @@ class PDartsLightning(VariantLightningModule):
         result = super().setup(stage)
         if stage in (None, 'fit'):
             s = self.strategy
-            s.check_trainer(self.trainer.max_epochs, stage_cells=s.stage_cells, epochs_per_stage=s.epochs_per_stage)
+            s.check_trainer(self.trainer.max_epochs, stage_cells=s.stage_cells, num_to_keep=s.num_to_keep,
+                            skip_dropout=s.skip_dropout, epochs_per_stage=s.epochs_per_stage)
             self.blueprint = space_blueprint(self.model)
             self.stage, self.stage_operations = 0, self.edge_operations()
             if self.blueprint[1]['num_cells'] != self.strategy.stage_cells[0]:
@@ -238,8 +239,6 @@ class PDarts(DartsVariant):
         ``stage_warmup_epochs``). Official weights: SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4, batch 96.
     """
 
-    name = 'pdarts'
-    description = 'P-DARTS (Chen et al. 2019): progressive depth 5/11/17 cells, op pruning 8/5/3/1, skip limits'
     edge_class = PDartsEdge
     module_class = PDartsLightning
 
@@ -274,6 +273,9 @@ class PDarts(DartsVariant):
     @property
     def total_epochs(self) -> int:
         return len(self.stage_cells) * self.epochs_per_stage
+
+    def required_max_epochs(self) -> int:
+        return self.total_epochs
 
     @classmethod
     def full_step_kwargs(cls) -> dict[str, Any]:

@@ -217,8 +217,6 @@ class ProxylessNAS(DartsVariant):
         official ImageNet schedule warms up 40 of 160 epochs, which does not transfer to the 50-epoch DARTS search).
     """
 
-    name = 'proxyless'
-    description = 'ProxylessNAS (Cai et al. 2019): binarized paths, one path per weight step, two per arch step'
     edge_class: ClassVar[type[MixedEdge]] = ProxylessEdge
     module_class = ProxylessLightning
 
