@@ -222,7 +222,12 @@ class VariantLightningModule(DartsLightningModule):
 
     def skips_unread_gradients(self) -> bool:
         """Whether this step skips unread gradients (``skip_unread_gradients``, on one process)."""
-        return self.skip_unread_gradients and self.trainer.world_size == 1
+        if not self.skip_unread_gradients:
+            return False
+        try:
+            return self.trainer.world_size == 1
+        except RuntimeError:  # not attached to a trainer: a step called directly, on one process
+            return True
 
     def arch_backward_inputs(self) -> dict[str, Any]:
         """``backward`` keyword arguments of the architecture step: ``inputs`` = the architecture parameters."""
