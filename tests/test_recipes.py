@@ -119,3 +119,28 @@ if __name__ == '__main__' and '--freeze' in sys.argv:
     result = {str(p.relative_to(REPO)): _resolve(p) for p in search_recipes()}
     FROZEN.write_text(json.dumps(result, indent=1, sort_keys=True) + '\n')
     print(f'froze {len(result)} recipes into {FROZEN}')
+
+
+def test_base_chain_merges_in_order(tmp_path):
+    from nni_darts_variants.config import load_yaml
+    (tmp_path / 'a.yml').write_text('train: {max_epochs: 3, learning_rate: 0.1}\nseed: 1\n')
+    (tmp_path / 'b.yml').write_text('base: a.yml\ntrain: {max_epochs: 4}\n')
+    (tmp_path / 'c.yml').write_text('seed: 9\n')
+    (tmp_path / 'd.yml').write_text('base: [b.yml, c.yml]\ntrain: {learning_rate: 0.2}\n')
+    assert load_yaml(tmp_path / 'd.yml') == {'seed': 9, 'train': {'max_epochs': 4, 'learning_rate': 0.2}}
+    assert load_yaml(tmp_path / 'd.yml', resolve_base=False)['base'] == ['b.yml', 'c.yml']
+
+
+@pytest.mark.parametrize('files, message', [
+    ({'x.yml': 'base: y.yml\n', 'y.yml': 'base: x.yml\n'}, 'form a loop'),
+    ({'x.yml': 'base: missing.yml\n'}, 'base file missing.yml not found'),
+    ({'x.yml': 'base: {a: 1}\n'}, 'base must be a path or a list of paths'),
+    ({'x.yml': 'base: y.yml\n', 'y.yml': 'seed: [1\n'}, 'malformed YAML'),
+])
+def test_bad_base_is_one_line_error(tmp_path, files, message):
+    from nni_darts_variants.config import ConfigError, load_yaml
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_yaml(tmp_path / 'x.yml')
+    assert '\n' not in str(err.value)
