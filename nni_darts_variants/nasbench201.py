@@ -22,15 +22,28 @@ import itertools
 import json
 import logging
 import statistics
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from search_spaces.nasbench201 import NB201_EDGES, NB201_OPERATIONS, nb201_label
 
-__all__ = ['NB201_OPERATIONS', 'NB201_EDGES', 'REFERENCE', 'NasBench201Table', 'TableError', 'parse_arch',
-           'format_arch', 'arch_to_sample', 'sample_to_arch', 'all_archs', 'skip_share', 'is_nb201_sample',
-           'export_nb201']
+__all__ = [
+    'NB201_EDGES',
+    'NB201_OPERATIONS',
+    'REFERENCE',
+    'NasBench201Table',
+    'TableError',
+    'all_archs',
+    'arch_to_sample',
+    'export_nb201',
+    'format_arch',
+    'is_nb201_sample',
+    'parse_arch',
+    'sample_to_arch',
+    'skip_share',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -178,7 +191,7 @@ class NasBench201Table:
         return table
 
     @classmethod
-    def from_nats_bench(cls, path: str | Path, dataset: str = 'cifar10', epochs: int = 200) -> 'NasBench201Table':
+    def from_nats_bench(cls, path: str | Path, dataset: str = 'cifar10', epochs: int = 200) -> NasBench201Table:
         """The table from the official benchmark files (NATS-Bench ``tss``) through the ``nats_bench`` package."""
         try:
             from nats_bench import create

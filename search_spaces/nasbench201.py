@@ -18,18 +18,25 @@ nodes have no ``InputChoice`` (every edge is kept), so PC-DARTS's edge normaliza
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn as nn
 from nni.mutable import label_scope
 from nni.nas.nn.pytorch import LayerChoice, ModelSpace, MutableModule
+from torch import nn
 
 from .cell import EdgeSpec, edge_label
 from .ops import ReLUConvBN, build_op
 
-__all__ = ['NasBench201Space', 'NasBench201Cell', 'ResNetBasicBlock', 'NB201_OPERATIONS', 'NB201_CELL', 'NB201_EDGES',
-           'nb201_label']
+__all__ = [
+    'NB201_CELL',
+    'NB201_EDGES',
+    'NB201_OPERATIONS',
+    'NasBench201Cell',
+    'NasBench201Space',
+    'ResNetBasicBlock',
+    'nb201_label',
+]
 
 #: The candidates of every edge, in the benchmark's order.
 NB201_OPERATIONS: tuple[str, ...] = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
