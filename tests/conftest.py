@@ -55,6 +55,7 @@ class _Supernet:
 
     def __call__(self, strategy, seed: int = 0, space=None, dtype=None, **space_kwargs):
         import torch
+
         from nni_darts_variants.testing import tiny_space
         torch.manual_seed(seed)
         net = strategy.mutate_model(space if space is not None else tiny_space(**space_kwargs))
@@ -102,6 +103,7 @@ def search_with(tmp_path):
     def run(strategy, callbacks, loaders=None, max_epochs: int = 1, seed: int = 0, space=None):
         import pytorch_lightning as pl
         from nni.nas.experiment import NasExperiment
+
         from nni_darts_variants.testing import tiny_evaluator, tiny_space
         pl.seed_everything(seed, verbose=False)
         evaluator = tiny_evaluator(max_epochs=max_epochs, callbacks=list(callbacks), loaders=loaders)

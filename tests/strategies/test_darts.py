@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from nni_darts_variants import create_strategy
-from nni_darts_variants.strategies.darts import Darts, DartsLightning, virtual_step
+from nni_darts_variants.strategies.darts import Darts, virtual_step
 from nni_darts_variants.testing import tiny_evaluator, tiny_loaders, tiny_space
 
 
