@@ -13,9 +13,16 @@ import torch.nn.functional as F
 from scipy import stats
 
 from nni_darts_variants import create_strategy
-from nni_darts_variants.strategies.parsec import (Parsec, ParsecEdge, ParsecLightning, ParsecNode,
-                                                  importance_weighted_backward, importance_weights, log_prior,
-                                                  sample_architecture)
+from nni_darts_variants.strategies.parsec import (
+    Parsec,
+    ParsecEdge,
+    ParsecLightning,
+    ParsecNode,
+    importance_weighted_backward,
+    importance_weights,
+    log_prior,
+    sample_architecture,
+)
 from nni_darts_variants.testing import tiny_loaders, tiny_space
 
 
