@@ -445,6 +445,10 @@ class DartsVariant(DARTS):
         """Configuration handed to the supermodules' ``mutate`` (override to add the variant's settings)."""
         return {}
 
+    @classmethod
+    def check_trainer(cls, max_epochs: int) -> None:
+        """Raise ``ValueError`` if the search cannot run for ``max_epochs`` epochs (called when the config resolves)."""
+
     def schedule_epochs(self, max_epochs: int) -> int:
         """Epochs that one run of the weight learning-rate schedule spans: the whole search by default."""
         return max_epochs
