@@ -585,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``nni-darts bench``: parse ``argv``, run, print the table (or JSON); the exit code (1 if any row failed)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '--quality' in argv:  # the search-quality benchmark has its own module and options
+        from .quality import quality_main
+        return quality_main([a for a in argv if a != '--quality'])
     args = build_parser().parse_args(argv)
     if args.list:
         print('\n'.join(available_rows()))
