@@ -160,7 +160,7 @@ class DropNASLightning(VariantLightningModule):
     def weight_backward(self, trn_batch: Any, batch_idx: int) -> Any:
         """The loss of the masks drawn in :meth:`weight_step` (no new sample), backward."""
         output = self.training_module.training_step(trn_batch, batch_idx)
-        self.manual_backward(loss_of(output))
+        self.manual_backward(self.one_level_loss(loss_of(output), trn_batch, self.arch_update_enabled(batch_idx)))
         return output
 
     def architecture_step(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> None:
@@ -175,6 +175,14 @@ class DropNASLightning(VariantLightningModule):
             for label, share in self._step_shares.items():
                 adjust_kept_alphas(self._step_edges[label].alpha, self._step_edges[label].kept, share)
         super().finish_step(batch_idx)
+
+    def one_level_loss(self, loss: torch.Tensor, batch: Any, arch: bool) -> torch.Tensor:
+        """The loss of both steps: with a hardware cost or penalty, ``loss + penalized(loss') - loss'`` where
+        ``loss'`` is ``loss`` detached, so the cost reaches the kept alphas and leaves the weight gradient as it is."""
+        if not arch or self.penalty is None:
+            return loss
+        constant = loss.detach()
+        return loss + self.penalized_loss(constant, batch) - constant
 
     def drop_edges(self) -> dict[str, DropEdge]:
         """One :class:`DropEdge` per label (edges of a label share alpha and mask)."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..genotype import EdgeWeights, darts_rule
 from search_spaces.cell import DartsCell
 from ..registry import init_signature, register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule
+from .base import DartsVariant, MixedEdge, VariantLightningModule, first_per_label
 
 __all__ = ['PDarts', 'PDartsEdge', 'PDartsLightning', 'drop_operations', 'skip_dropout_rate',
            'limit_skip_connections', 'SKIP']
@@ -138,12 +138,19 @@ class PDartsLightning(VariantLightningModule):
 
     def edge_operations(self) -> dict[str, list[str]]:
         """``{edge label: operation names}`` of the current network's cell edges."""
-        return {edge.label: list(edge.names) for _, _, edge in self.cell_edges()}
+        return {edge.label: list(edge.names) for edge in self.searched_edges()}
+
+    def searched_edges(self) -> list[MixedEdge]:
+        """One mixed edge per label: the cell edges, or, in a space without ``DartsCell`` (NasBench201Space), every
+        mixed edge."""
+        if not self.darts_cells():
+            return list(first_per_label(self.supernet_modules(), MixedEdge).values())
+        return [edge for _, _, edge in self.cell_edges()]
 
     def pruned_operations(self, keep: int) -> dict[str, list[str]]:
         """Each edge's ``keep`` strongest operations under the current alphas."""
         return {edge.label: drop_operations(list(edge.names), edge.ranking_weights().tolist(), keep)
-                for _, _, edge in self.cell_edges()}
+                for edge in self.searched_edges()}
 
     def build_stage(self, stage: int, optimizers: bool = False) -> None:
         """Swap in the stage's network (fresh weights and alphas); then rebuild the optimizers if asked."""
