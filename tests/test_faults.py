@@ -5,11 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from nni_darts_variants import list_strategies
 from nni_darts_variants.atomic import atomic_write_bytes, atomic_write_json
 from nni_darts_variants.cli import main
 from nni_darts_variants.config import ConfigError
-from nni_darts_variants.search import RunLock, SearchInterrupted, choose_checkpoint, run_search
+from nni_darts_variants.search import RunLock, choose_checkpoint, run_search
 
 REPO = Path(__file__).resolve().parents[1]
 

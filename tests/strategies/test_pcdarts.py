@@ -13,7 +13,7 @@ from nni_darts_variants.strategies.darts import Darts
 from nni_darts_variants.strategies.pcdarts import (
     EdgeNormalizedNode, PartialChannelEdge, PCDarts, PCDartsLightning, channel_shuffle, check_partial_channels,
 )
-from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
+from nni_darts_variants.testing import tiny_loaders, tiny_space
 
 OPS = ['none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3',
        'dil_conv_5x5']
