@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .counting import count_parameters
 from .memory import LiveSavedTensorCounter, RssSampler, release_memory, rss
 
 __all__ = ['BenchConfig', 'available_rows', 'build_row_strategy', 'build_row_module', 'bench_trainer',
@@ -130,7 +131,7 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             if channels_last:
                 pl_module.to(memory_format=torch.channels_last)
             arch = pl_module.arch_parameters() if hasattr(pl_module, 'arch_parameters') else []
-            self.params = sum(p.numel() for p in pl_module.parameters())
+            self.params = count_parameters(pl_module)
             self.arch_params = sum(p.numel() for p in arch)
 
         def _sync(self) -> None:
