@@ -254,7 +254,8 @@ def build_row_module(row: str, cfg: BenchConfig) -> tuple[Any, Any, int, str]:
     strategy, note = build_row_strategy(row)
     space = DartsSpace(width=cfg.width, num_cells=cfg.num_cells, dataset='cifar10')
     strategy.mutate_model(space)
-    epochs = strategy.required_max_epochs() or SEARCH_EPOCHS
+    from .strategies.base import DartsVariant  # NNI's built-in rows fix no epoch count
+    epochs = (strategy.required_max_epochs() if isinstance(strategy, DartsVariant) else None) or SEARCH_EPOCHS
     module = strategy.configure_oneshot_module(SearchClassification(num_classes=10, max_epochs=epochs))
     module.set_model(space)
     return strategy, module, epochs, note
