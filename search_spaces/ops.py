@@ -23,7 +23,12 @@ PRIMITIVES: tuple[str, ...] = (
 
 
 class Zero(nn.Module):
-    """The ``none`` operation: a zero tensor of the output shape (strided on reduction edges)."""
+    """The ``none`` operation: a zero tensor of the output shape (strided on reduction edges).
+
+    ``is_zero`` tells the mixed edges that its weighted output can be left out of their sum.
+    """
+
+    is_zero = True
 
     def __init__(self, stride: int):
         super().__init__()
