@@ -422,3 +422,21 @@ def test_our_strategies_on_the_hub_nasbench201_export_a_benchmark_cell(name):
                              loaders=tiny_loaders(n=16, channels=3))
     arch = sample_to_arch(result.sample)
     assert arch in _independent_strings() and NasBench201Table().lookup(result.sample) > 0
+
+
+def test_search_run_folder_gets_the_benchmark_cell(tmp_path, capsys):
+    from nni_darts_variants.cli import main
+    config = {'seed': 0, 'strategy': {'name': 'gdas', 'args': {}},
+              'space': {'name': 'nasbench201', 'args': {'width': 4, 'num_cells': 1}},
+              'data': {'name': 'synthetic', 'batch_size': 16, 'limit': 32},
+              'train': {'max_epochs': 1, 'accelerator': 'cpu', 'progress_bar': False, 'eval_batches': 1},
+              'output': {'bundle': False}}
+    import yaml
+    (tmp_path / 'nb201.yml').write_text(yaml.safe_dump(config))
+    assert main(['search', str(tmp_path / 'nb201.yml'), '--output', str(tmp_path / 'run')]) == 0
+    record = json.loads((tmp_path / 'run' / 'nb201.json').read_text())
+    result = json.loads((tmp_path / 'run' / 'result.json').read_text())
+    assert record['arch'] == sample_to_arch(result['sample']) and result['metrics']['nb201'] == record
+    assert record['cifar10_test'] == NasBench201Table().lookup(record['arch'])
+    assert f'NAS-Bench-201 cell: {record["arch"]}, CIFAR-10 test accuracy {record["cifar10_test"]}' in \
+        capsys.readouterr().out
