@@ -6,7 +6,8 @@ searches :class:`~search_spaces.nasbench201.NasBench201Space` under one protocol
 A row reports the table accuracy (mean, std over seeds, worst seed), its percentile among the 15,625 cells, the
 search seconds, the ``skip_connect`` share of the exported cell, and how far the architecture parameters moved from
 their initial values (mean ``|alpha_end - alpha_init|`` and the mean top probability of an edge, 0.2 when uniform).
-The ``skip_connect`` share of the cell exported after every epoch is recorded too.
+The ``skip_connect`` share of the cell exported after every epoch is recorded too. P-DARTS draws fresh alphas at
+every stage: its movement is that of its last stage, over the operations left on each edge.
 
 Protocols (:data:`PROTOCOLS`):
 
@@ -124,7 +125,8 @@ class QualityConfig:
 
 
 def _loaders(settings: dict[str, Any], seed: int) -> tuple[Any, Any, int]:
-    """The weight and architecture loaders of a protocol, decoded once into memory (no augmentation)."""
+    """The weight and architecture loaders of a protocol, decoded once into memory (one seeded augmented draw of
+    each image, no fresh augmentation per epoch: the CPU protocol cannot afford decoding every epoch)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
