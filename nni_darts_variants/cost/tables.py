@@ -99,8 +99,16 @@ class CostTable:
 
 
 def count_flops_params(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """FLOPs (multiply-accumulates, NNI's convention: batch size ignored) and parameters of ``module`` at ``x``."""
-    result = FlopsParamsProfiler(module, (x,)).flops_result
+    """FLOPs (multiply-accumulates, NNI's convention: batch size ignored) and parameters of ``module`` at ``x``.
+
+    The profiler's forward runs in eval mode (batch norm on a 1x1 map of one image fails in training mode).
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        result = FlopsParamsProfiler(module, (x,)).flops_result
+    finally:
+        module.train(was_training)
     return float(result.flops), float(result.params)
 
 
