@@ -5,6 +5,7 @@ algorithm differs. The lifecycle is documented once, on :class:`DartsVariant`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any, ClassVar, Iterator, Sequence
@@ -72,6 +73,9 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
             raise ValueError(f'{label}: alpha has {len(alpha)} entries for {len(self.names)} candidates')
         self._arch_alpha = alpha
         self.config = config
+        #: Candidates whose output is zero (``Zero``): :meth:`forward` leaves them out of the sum (same sum, and the
+        #: same alpha gradient: their softmax weight multiplies zero, their alpha still normalizes the others).
+        self.zero_names = {name for name in self.names if getattr(self[name], 'is_zero', False)}
 
     @property
     def alpha(self) -> nn.Parameter:
@@ -95,7 +99,8 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         weights = self.op_weights()
-        return sum(w * self[name](*args, **kwargs) for w, name in zip(weights, self.names))
+        terms = [(w, name) for w, name in zip(weights, self.names) if name not in self.zero_names]
+        return sum(w * self[name](*args, **kwargs) for w, name in terms or zip(weights, self.names))
 
     def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
         """Nothing to sample in DARTS."""
@@ -196,6 +201,12 @@ class VariantLightningModule(DartsLightningModule):
     hooks read their hyper-parameters from it.
     """
 
+    #: Skip the gradients nobody reads (exact, tested in ``tests/test_speed.py``): the architecture step
+    #: back-propagates to the architecture parameters only (the weight step zeroes the weight gradients before its
+    #: own backward), and the weight step's forward runs with them frozen (the next architecture step zeroes their
+    #: gradients). Off under several processes, where DDP's reducer expects a gradient for every parameter it saw.
+    skip_unread_gradients: ClassVar[bool] = True
+
     def __init__(self, training_module: Any, strategy: 'DartsVariant'):
         hardware_cost = isinstance(strategy.penalty, HardwareCost)  # NNI's module accepts its own penalty only
         super().__init__(training_module, arc_learning_rate=strategy.arc_learning_rate,
@@ -262,8 +273,34 @@ class VariantLightningModule(DartsLightningModule):
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
         """Fill ``.grad`` of the architecture parameters; first order: the gradient of the validation loss."""
         loss = self.architecture_loss(val_batch, batch_idx)
-        self.manual_backward(loss)
+        self.manual_backward(loss, **self.arch_backward_inputs())
         return loss
+
+    def skips_unread_gradients(self) -> bool:
+        """Whether this step skips unread gradients (``skip_unread_gradients``, on one process)."""
+        if not self.skip_unread_gradients:
+            return False
+        try:
+            return self.trainer.world_size == 1
+        except RuntimeError:  # not attached to a trainer: a step called directly, on one process
+            return True
+
+    def arch_backward_inputs(self) -> dict[str, Any]:
+        """``backward`` keyword arguments of the architecture step: ``inputs`` = the architecture parameters."""
+        params = [p for p in self.arch_parameters() if p.requires_grad]
+        return {'inputs': params} if params and self.skips_unread_gradients() else {}
+
+    @contextlib.contextmanager
+    def frozen_architecture(self) -> Iterator[None]:
+        """Build the graph inside without the architecture parameters (when skipping unread gradients)."""
+        params = [p for p in self.arch_parameters() if p.requires_grad] if self.skips_unread_gradients() else []
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def architecture_step(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> None:
         """Resample, compute the architecture gradients, clip them if configured, step the architecture optimizer."""
@@ -287,7 +324,8 @@ class VariantLightningModule(DartsLightningModule):
     def weight_step(self, trn_batch: Any, batch_idx: int) -> Any:
         """Resample, then one step of the evaluator's optimizer on the training batch (gradients clipped)."""
         self.resample()
-        output = self.training_module.training_step(trn_batch, 2 * batch_idx + 1)
+        with self.frozen_architecture():
+            output = self.training_module.training_step(trn_batch, 2 * batch_idx + 1)
         self.advance_optimization(loss_of(output), batch_idx, self.gradient_clip_val)
         return output
 
@@ -488,6 +526,10 @@ class DartsVariant(DARTS):
     def mutate_kwargs(self) -> dict[str, Any]:
         """Configuration handed to the supermodules' ``mutate`` (override to add the variant's settings)."""
         return {}
+
+    @classmethod
+    def check_trainer(cls, max_epochs: int) -> None:
+        """Raise ``ValueError`` if the search cannot run for ``max_epochs`` epochs (called when the config resolves)."""
 
     def schedule_epochs(self, max_epochs: int) -> int:
         """Epochs that one run of the weight learning-rate schedule spans: the whole search by default."""

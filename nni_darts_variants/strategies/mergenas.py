@@ -9,7 +9,7 @@ import torch.nn as nn
 from nni.nas.nn.pytorch import LayerChoice
 
 from search_spaces.cell import EdgeSpec
-from ..merged_conv import MergedEdgeOp
+from ..merged_conv import DENSE_CONVS, MergedDenseEdgeOp, MergedEdgeOp
 from search_spaces.ops import build_op
 from ..registry import register_strategy
 from .base import MixedEdge
@@ -69,7 +69,10 @@ class MergedEdge(MixedEdge):
         views = {name: MergedCandidate(name, i, len(names)) for i, name in enumerate(names)}
         super().__init__(views, alpha, label, spec=spec)
         self.spec = spec
-        self.merged = MergedEdgeOp(spec.channels, spec.stride, names, affine=spec.affine, pool_bn=spec.pool_bn)
+        if any(n in DENSE_CONVS for n in names):  # a NAS-Bench-201 edge: dense convolutions
+            self.merged: nn.Module = MergedDenseEdgeOp(spec.channels, names, affine=spec.affine)
+        else:
+            self.merged = MergedEdgeOp(spec.channels, spec.stride, names, affine=spec.affine, pool_bn=spec.pool_bn)
         for view in views.values():
             view.bind(self.merged)
 
