@@ -19,7 +19,7 @@ from nni.nas.profiler.pytorch.flops import FlopsProfiler, NumParamsProfiler
 from nni_darts_variants.cost import build_cost_table, cost_from_config
 from nni_darts_variants.cost.penalty import add_linear, mul_log
 from nni_darts_variants.registry import create_strategy, get_strategy, list_strategies
-from nni_darts_variants.strategies.base import MixedEdge
+from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
 from nni_darts_variants.strategies.proxyless import ProxylessEdge
 from nni_darts_variants.testing import quick_kwargs, run_tiny_search, tiny_loaders, tiny_space
 from search_spaces import ProxylessSpace
@@ -248,3 +248,24 @@ def test_nni_expectation_penalty_steers_the_search_on_the_hub_proxylessnas_space
         expected[scale] = float(ExpectationProfilerPenalty(profiler, baseline).profile(module.export_probs()))
     assert not all(torch.equal(a, b) for a, b in zip(alphas[0.0], alphas[50.0]))
     assert expected[50.0] < expected[0.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ProxylessNAS loop details (official nas_manager.train)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_proxyless_weight_gradient_is_not_clipped_by_default():
+    assert create_strategy('proxyless').gradient_clip_val is None
+
+
+@pytest.mark.skipif(not hasattr(VariantLightningModule, 'step_order'),
+                    reason="the base's step_order (branch base) is not merged yet")
+def test_proxyless_runs_the_weight_step_before_the_arch_step(monkeypatch):
+    from nni_darts_variants.strategies.proxyless import ProxylessLightning
+    steps: list[str] = []
+    for step in ('weight_step', 'architecture_step'):
+        real = getattr(ProxylessLightning, step)
+        monkeypatch.setattr(ProxylessLightning, step,
+                            lambda self, *a, _real=real, _name=step: steps.append(_name) or _real(self, *a))
+    run_tiny_search(create_strategy('proxyless', arch_update_every=2), loaders=tiny_loaders(n=40, batch_size=8))
+    assert steps[:5] == ['weight_step', 'weight_step', 'architecture_step', 'weight_step', 'weight_step']
