@@ -18,7 +18,7 @@ SEARCH_SCHEMA: dict[str, Any] = {
     'space': {'name': 'darts', 'args': {}},
     'data': {'name': 'digits', 'root': None, 'download': False, 'batch_size': 64, 'train_portion': 0.5,
              'num_workers': 0, 'image_size': None, 'limit': None, 'subset': None, 'weight_fraction': 0.1,
-             'arch_fraction': 0.025},
+             'arch_fraction': 0.025, 'in_memory': True},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
               'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False},

@@ -60,7 +60,8 @@ def _build_data(cfg: dict[str, Any]) -> SearchData:
     data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
                              train_portion=d['train_portion'], num_workers=d['num_workers'],
                              image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
-                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'])
+                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'],
+                             in_memory=d['in_memory'])
     _logger.info('data %s', data.description)
     return data
 
