@@ -157,3 +157,33 @@ def test_transforms_that_cannot_be_replayed_exactly_stay_as_they_are(tmp_path):
     plain = ImageFolder(str(root / 'train'), transform=T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
     assert isinstance(decoded_in_memory(plain), DecodedImages)
     assert decoded_in_memory(plain, max_bytes=10_000) is plain  # 12 images of 3,072 bytes do not fit
+
+
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two'])
+def test_bad_thread_count_is_a_config_error_naming_the_key(bad):
+    from nni_darts_variants.config import ConfigError
+    from nni_darts_variants.search.config import resolve_config
+    with pytest.raises(ConfigError, match='train.threads'):
+        resolve_config({'train': {'threads': bad}})
+
+
+def test_threads_are_applied_and_none_leaves_them():
+    from nni_darts_variants.speed import apply_threads
+    before = torch.get_num_threads()
+    try:
+        apply_threads(None)
+        assert torch.get_num_threads() == before
+        apply_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compile_keeps_the_module_names_and_the_forward():
+    from nni_darts_variants.speed import compile_supernet
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    expected = net(x)
+    compiled = compile_supernet(net)
+    assert compiled is net and list(net.state_dict()) == ['0.weight', '0.bias']
+    torch.testing.assert_close(net(x), expected)

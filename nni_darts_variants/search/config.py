@@ -8,6 +8,7 @@ from typing import Any
 from ..config import ConfigError, apply_overrides, check_schema, load_yaml
 from ..distributed import lightning_strategy
 from ..registry import check_strategy_arguments
+from ..speed import check_threads
 
 __all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'resolve_config']
 
@@ -21,7 +22,8 @@ SEARCH_SCHEMA: dict[str, Any] = {
              'arch_fraction': 0.025, 'in_memory': True},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
-              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False},
+              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False,
+              'threads': None, 'compile': False},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
@@ -44,6 +46,10 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
     try:
         lightning_strategy(cfg['train']['strategy'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        check_threads(cfg['train']['threads'])
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg['train']['learning_rate'] == 0:

@@ -15,6 +15,7 @@ from ..config import ConfigError
 from ..data import SearchData, build_search_data
 from ..distributed import DistributedArchSync, is_global_zero
 from ..registry import build_space, create_strategy
+from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
@@ -85,7 +86,8 @@ def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, moni
     checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=1,
                                                  every_n_epochs=1, save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
-            checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []), *(extra or [])]
+            checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
+            *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
 def _train(cfg: dict[str, Any], data: SearchData, run_dir: Path, space: Any, strategy: Any, callbacks: list,
@@ -160,6 +162,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         (run_dir / 'result.json').unlink(missing_ok=True)
     write_config(run_dir, cfg)
 
+    apply_threads(cfg['train']['threads'])
     pl.seed_everything(cfg['seed'], verbose=False)
     data = _build_data(cfg)
     space_factory = _space_factory(cfg, data)
