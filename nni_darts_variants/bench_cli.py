@@ -79,7 +79,8 @@ def format_table(rows: list[dict[str, Any]], cfg: BenchConfig | None = None) -> 
                      f'{", ".join(f"{a}/{b}" for a, b in COUNTERPARTS.items())}) '
                      f'batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}, '
                      f'width {cfg.width}, {cfg.num_cells} cells, {cfg.device}, {cfg.dtype}'
-                     f'{", channels_last" if cfg.channels_last else ""}{", compiled" if cfg.compile else ""}; median of {cfg.steps} steps after '
+                     f'{", channels_last" if cfg.channels_last else ""}{", compiled" if cfg.compile else ""}; '
+                     f'median of {cfg.steps} steps after '
                      f'{cfg.warmup} warm-up')
     return '\n'.join(lines)
 
