@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,37 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically (see the module docstring); an ``OSError`` leaves ``path`` untouched."""
+#: Seconds to pause half-way through every write: only the fault tests set it, to widen the window in which a
+#: ``kill -9`` lands inside a write.
+PAUSE_ENV = 'NNI_DARTS_TEST_WRITE_PAUSE'
+
+
+def _write_all(f: Any, data: bytes) -> None:
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+    if pause > 0:
+        f.write(data[:len(data) // 2])
+        f.flush()
+        time.sleep(pause)
+        data = data[len(data) // 2:]
+    f.write(data)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, keep_previous: str | os.PathLike | None = None) -> None:
+    """Replace ``path`` by ``data`` atomically (see the module docstring); an ``OSError`` leaves ``path`` untouched.
+
+    With ``keep_previous``, the old ``path`` (if any) is first renamed to ``keep_previous``, once the new data is
+    safely on disk: at every moment ``path`` or ``keep_previous`` holds a whole file.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; a plain open() would not
         with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+            _write_all(f, data)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -155,8 +155,9 @@ def run_trial(config_path: str, overrides: Sequence[str] = (), output: str | Non
     config = apply_parameters(apply_overrides(load_yaml(config_path), overrides), parameters)
     reporter = NniReporter()
     run_dir = trial_output_dir(output)
-    # A trial restarted on the folder of an interrupted search continues it from its last checkpoint.
-    interrupted = run_dir is not None and (run_dir / 'checkpoints' / 'last.ckpt').exists() \
+    # A trial restarted on the folder of an interrupted search (stopped by nnictl stop, i.e. SIGTERM, or killed)
+    # continues it from its newest loadable checkpoint.
+    interrupted = run_dir is not None and (run_dir / 'config.yaml').exists() \
         and not (run_dir / 'result.json').exists()
     if interrupted:
         _logger.info('resuming the interrupted search in %s', run_dir)
@@ -181,8 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stdout()
     warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    from .search.interrupt import SearchInterrupted
     try:
         run_trial(args.config, args.overrides, args.output)
+    except SearchInterrupted as stop:  # nnictl stop sends SIGTERM: the checkpoint is written, the folder resumable
+        _logger.warning('%s', stop)
+        return stop.exit_code
     except Exception:  # noqa: BLE001 - any failure must fail the trial, with its traceback in trial.log
         _logger.exception('the search failed; the trial exits with status 1 so that NNI marks it FAILED')
         return 1

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from .callbacks import (ChannelsLast, DivergenceError, DivergenceGuard, RandomState, SearchMonitor,  # noqa: F401
                         arch_state)
+from .checkpoints import AtomicCheckpointIO, CheckpointWriteError, choose_checkpoint, load_checkpoint  # noqa: F401
 from .config import OPEN_SECTIONS, SEARCH_SCHEMA, resolve_config  # noqa: F401
 from .evaluator import SearchClassification, evaluate_sample, make_loggers, search_evaluator  # noqa: F401
-from .rundir import default_run_dir, prepare_run_dir  # noqa: F401
+from .interrupt import GracefulStop, SearchInterrupted  # noqa: F401
+from .rundir import RunLock, default_run_dir, prepare_run_dir  # noqa: F401
 from .runner import SearchResult, _write_result_bundle, run_search  # noqa: F401
 
 __all__ = ['SEARCH_SCHEMA', 'resolve_config', 'run_search', 'SearchResult', 'SearchClassification',
-           'search_evaluator', 'make_loggers', 'arch_state', 'evaluate_sample', 'DivergenceError']
+           'search_evaluator', 'make_loggers', 'arch_state', 'evaluate_sample', 'DivergenceError',
+           'SearchInterrupted', 'CheckpointWriteError', 'choose_checkpoint', 'RunLock']

@@ -9,6 +9,7 @@ from ..config import ConfigError, apply_overrides, check_schema, load_yaml
 from ..distributed import lightning_strategy
 from ..registry import check_strategy_arguments
 from ..speed import check_threads
+from ..strategies.base import DartsVariant
 
 __all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'resolve_config']
 
@@ -22,7 +23,7 @@ SEARCH_SCHEMA: dict[str, Any] = {
              'arch_fraction': 0.025, 'in_memory': True},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
-              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False,
+              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False, 'num_nodes': 1,
               'threads': None, 'compile': False},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
@@ -35,12 +36,11 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     raw = apply_overrides(raw, overrides)
     cfg = check_schema(raw, SEARCH_SCHEMA, open_sections=OPEN_SECTIONS)
-    try:
-        check_strategy_arguments(cfg['strategy']['name'], cfg['strategy']['args'])
-    except TypeError as err:
-        raise ConfigError(f'strategy.args: {err}') from None
     if cfg['train']['max_epochs'] < 1:
         raise ConfigError(f'train.max_epochs must be >= 1, got {cfg["train"]["max_epochs"]}')
+    if cfg['train']['num_nodes'] < 1:
+        raise ConfigError(f'train.num_nodes must be >= 1, got {cfg["train"]["num_nodes"]}')
+    _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train']['max_epochs'])
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay'):
         if cfg['train'][key] < 0:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
@@ -55,3 +55,15 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     if cfg['train']['learning_rate'] == 0:
         raise ConfigError('train.learning_rate must be positive, got 0')
     return cfg
+
+
+def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:
+    """Unknown arguments, bad values (by building the strategy: cheap, nothing is trained) and a ``max_epochs`` the
+    strategy cannot run are :class:`ConfigError` naming ``strategy.args``."""
+    try:
+        strategy = check_strategy_arguments(name, args)(**args)
+        if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
+            strategy.check_trainer(max_epochs)
+    except (TypeError, ValueError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f'strategy.args: {message}') from None

@@ -64,6 +64,7 @@ def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callb
                                   nesterov=train['nesterov'], num_classes=data.num_classes,
                                   max_epochs=schedule_epochs or train['max_epochs'])
     trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
+                      num_nodes=train['num_nodes'],
                       precision=train['precision'], enable_progress_bar=train['progress_bar'],
                       strategy=lightning_strategy(train['strategy'], train['devices'], train['accelerator']),
                       enable_model_summary=False, callbacks=callbacks, logger=make_loggers(cfg, run_dir),

@@ -2,7 +2,11 @@
 atomically), and the provenance saved with the config."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 import platform
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,9 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..config import ConfigError
 from ..distributed import is_global_zero
 
-__all__ = ['default_run_dir', 'run_dir_of', 'prepare_run_dir', 'write_json', 'write_config', 'provenance']
+__all__ = ['default_run_dir', 'run_dir_of', 'prepare_run_dir', 'write_json', 'write_config', 'provenance', 'RunLock']
+
+_logger = logging.getLogger(__name__)
 
 
 def default_run_dir(cfg: dict[str, Any]) -> Path:
@@ -54,3 +60,67 @@ def provenance() -> dict[str, str]:
     import torch
     return {'nni_darts_variants': __version__, 'nni': nni.__version__, 'torch': torch.__version__,
             'pytorch_lightning': pytorch_lightning.__version__, 'python': platform.python_version()}
+
+
+class RunLock:
+    """One writer per run folder: ``run_dir/.lock`` holds the writer's pid and host while a search runs.
+
+    A lock whose process is gone (same host, pid not alive: ``kill -9``, a crash) is stale and taken over with a
+    warning; a live one makes :meth:`acquire` raise a one-line :class:`ConfigError`. Only global rank 0 locks (the
+    other DDP ranks write nothing).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / '.lock'
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's live process
+            return True
+        return True
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and isinstance(holder.get('pid'), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def _create(self, me: dict[str, Any]) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        return True
+
+    def acquire(self) -> None:
+        if not is_global_zero():
+            return
+        me = {'pid': os.getpid(), 'host': socket.gethostname()}
+        for _ in range(2):
+            if self._create(me):
+                self.held = True
+                return
+            holder = self._holder()
+            if holder is not None and holder.get('host') != me['host']:
+                raise ConfigError(f'{self.path.parent} is locked by process {holder["pid"]} on host '
+                                  f'{holder.get("host")}; if no search runs there any more, delete {self.path}')
+            if holder is not None and self._alive(holder['pid']):
+                raise ConfigError(f'{self.path.parent} is being written by the live process {holder["pid"]}; wait '
+                                  'for it to end (or stop it), or choose another --output')
+            _logger.warning('taking over the stale lock %s (%s)', self.path,
+                            f'process {holder["pid"]} is gone' if holder else 'unreadable')
+            self.path.unlink(missing_ok=True)
+        raise ConfigError(f'could not lock {self.path.parent}: another process keeps taking {self.path}')
+
+    def release(self) -> None:
+        if self.held and self._holder() == {'pid': os.getpid(), 'host': socket.gethostname()}:
+            self.path.unlink(missing_ok=True)
+        self.held = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
-from .rundir import prepare_run_dir, write_config, write_json
+from .checkpoints import LAST, AtomicCheckpointIO, choose_checkpoint
+from .interrupt import GracefulStop
+from .rundir import RunLock, prepare_run_dir, run_dir_of, write_config, write_json
 
 __all__ = ['SearchResult', 'run_search']
 
@@ -49,11 +52,10 @@ def _resume_point(resume: str | Path) -> _Resume:
         raise ConfigError(f'{resume} holds a finished run; nothing to resume (use --overwrite to rerun it)')
     if not (resume / 'config.yaml').exists():
         raise ConfigError(f'{resume} is not a run folder (no config.yaml); give the folder of an interrupted run')
-    last = resume / 'checkpoints' / 'last.ckpt'
-    ckpt_path = str(last) if last.exists() else None
-    if ckpt_path is None:
+    checkpoint = choose_checkpoint(resume / 'checkpoints')
+    if checkpoint is None:
         _logger.warning('%s has no checkpoint yet; starting the search from the beginning', resume)
-    return _Resume(resume, resume / 'config.yaml', ckpt_path)
+    return _Resume(resume, resume / 'config.yaml', str(checkpoint) if checkpoint else None)
 
 
 def _build_data(cfg: dict[str, Any]) -> SearchData:
@@ -83,10 +85,12 @@ def _schedule_epochs(strategy: Any, max_epochs: int) -> int:
 def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, monitor: SearchMonitor,
                       extra: list | None) -> list:
     checkpoint_dir = run_dir / 'checkpoints'
-    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, save_top_k=1,
-                                                 every_n_epochs=1, save_on_train_epoch_end=True)
+    # Only last.ckpt (and previous.ckpt, kept by AtomicCheckpointIO), written at the end of every epoch.
+    checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), filename=LAST[:-len('.ckpt')],
+                                                 enable_version_counter=False, save_top_k=1, every_n_epochs=1,
+                                                 save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
-            checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
+            GracefulStop(run_dir), checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
             *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
@@ -95,7 +99,8 @@ def _train(cfg: dict[str, Any], data: SearchData, run_dir: Path, space: Any, str
     """Run the NNI experiment (the supernet training); the exported sample and the seconds it took."""
     from nni.nas.experiment import NasExperiment
     evaluator = search_evaluator(cfg, data, run_dir, callbacks, ckpt_path=ckpt_path,
-                                 schedule_epochs=_schedule_epochs(strategy, cfg['train']['max_epochs']))
+                                 schedule_epochs=_schedule_epochs(strategy, cfg['train']['max_epochs']),
+                                 plugins=[AtomicCheckpointIO()])
     experiment = NasExperiment(space, evaluator, strategy)
     experiment.config.experiment_working_directory = str((run_dir / 'nni').resolve())
     start = time.perf_counter()
@@ -157,17 +162,58 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         point = _resume_point(resume)
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
-    run_dir = prepare_run_dir(cfg, output, overwrite)
-    if is_global_zero():
-        (run_dir / 'result.json').unlink(missing_ok=True)
-    write_config(run_dir, cfg)
-
+    run_dir = run_dir_of(cfg, output)
     apply_threads(cfg['train']['threads'])
     pl.seed_everything(cfg['seed'], verbose=False)
+    # Everything that can fail on bad input is built before the run folder is touched.
     data = _build_data(cfg)
     space_factory = _space_factory(cfg, data)
     space = space_factory()
     strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
+    _check_supernet(cfg, space_factory)
+    existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
+    run_dir = prepare_run_dir(cfg, output, overwrite)
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+        return _search(cfg, run_dir, data, space_factory, space, strategy, listeners, callbacks, ckpt_path)
+    except Exception:
+        if ckpt_path is None and lock.held:
+            _undo_failed_start(run_dir, existed)
+        raise
+    finally:
+        lock.release()
+
+
+def _check_supernet(cfg: dict[str, Any], space_factory: Callable[[], Any]) -> None:
+    """Build the supernet once on a throwaway space and strategy, so that a space/strategy mismatch (e.g. a PC-DARTS
+    width that K does not divide) fails before the run folder exists; the random state is left as it was."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        try:
+            create_strategy(cfg['strategy']['name'], **cfg['strategy']['args']).mutate_model(space_factory())
+        except (TypeError, ValueError) as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f'strategy {cfg["strategy"]["name"]!r} on space {cfg["space"]["name"]!r}: {message}') \
+                from None
+
+
+def _undo_failed_start(run_dir: Path, existed: set[Path] | None) -> None:
+    """A start that failed before its first checkpoint leaves the folder as it found it (or no folder)."""
+    if (run_dir / 'checkpoints' / LAST).exists():
+        return
+    if existed is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for entry in set(run_dir.iterdir()) - existed - {run_dir / '.lock'}:
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _search(cfg: dict[str, Any], run_dir: Path, data: SearchData, space_factory: Callable[[], Any], space: Any,
+            strategy: Any, listeners: list | None, callbacks: list | None, ckpt_path: str | None) -> SearchResult:
+    if is_global_zero():
+        (run_dir / 'result.json').unlink(missing_ok=True)
+    write_config(run_dir, cfg)
     monitor = SearchMonitor(run_dir, data.val, cfg['train']['eval_batches'], listeners)
     if ckpt_path is not None and (run_dir / 'alpha_history.json').exists():
         monitor.history = json.loads((run_dir / 'alpha_history.json').read_text())

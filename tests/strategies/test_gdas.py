@@ -32,8 +32,26 @@ def resample(net: nn.Module) -> dict:
     return memo
 
 
-def test_gdas_is_not_nni_gumbel_darts():
-    assert "NNI's ``GumbelDARTS`` is not GDAS" in Gdas.__doc__
+def _candidate_calls_per_edge(net, edge_type) -> list[int]:
+    """How many candidates each edge of ``edge_type`` runs in one forward."""
+    calls: dict[int, int] = defaultdict(int)
+    edges = [m for m in net.modules() if isinstance(m, edge_type)]
+    for edge in edges:
+        for name in edge.names:
+            edge[name].register_forward_hook(lambda m, i, o, e=id(edge): calls.__setitem__(e, calls[e] + 1))
+    net(torch.randn(2, 1, 8, 8))
+    return [calls[id(e)] for e in edges]
+
+
+def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all():
+    from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedLayer
+    from nni.nas.strategy import GumbelDARTS
+    torch.manual_seed(0)
+    nni_net = GumbelDARTS().mutate_model(tiny_space())
+    assert set(_candidate_calls_per_edge(nni_net, DifferentiableMixedLayer)) == {8}
+    net = supernet(Gdas())
+    resample(net)
+    assert set(_candidate_calls_per_edge(net, GumbelMaxEdge)) == {1}
 
 
 def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type():
@@ -167,11 +185,19 @@ def test_defaults():
     assert strategy.arc_betas == (0.5, 0.999) and strategy.arc_weight_decay == 1e-3 and strategy.warmup_epochs == 0
 
 
-def test_single_path_activation_memory():
+def test_activation_memory_is_that_of_the_sampled_path():
+    """With every edge's sample forced to ``sep_conv_3x3`` (logit +50), a GDAS forward saves what a DARTS supernet
+    with ``sep_conv_3x3`` as its only candidate saves (one path and its weight), not the 8-candidate mixture."""
     x = torch.randn(8, 1, 8, 8)
     net = supernet(Gdas())
+    for edge in edges(net):
+        with torch.no_grad():
+            edge.alpha[edge.names.index('sep_conv_3x3')] = 50.0
     resample(net)
-    darts = supernet(Darts())
-    ratio = saved_tensor_bytes(lambda: net(x).sum(), net.parameters()) / saved_tensor_bytes(
-        lambda: darts(x).sum(), darts.parameters())
-    assert ratio < 0.35
+    assert {edge.names[edge.sampled_index] for edge in edges(net)} == {'sep_conv_3x3'}
+    single = supernet(Darts(), operations=['sep_conv_3x3'])
+    full = supernet(Darts())
+    gdas_bytes = saved_tensor_bytes(lambda: net(x).sum(), net.parameters())
+    single_bytes = saved_tensor_bytes(lambda: single(x).sum(), single.parameters())
+    assert gdas_bytes == pytest.approx(single_bytes, rel=0.01)
+    assert gdas_bytes < 0.5 * saved_tensor_bytes(lambda: full(x).sum(), full.parameters())
