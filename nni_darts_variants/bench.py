@@ -74,6 +74,7 @@ class BenchConfig:
     device: str = 'auto'
     dtype: str = 'float32'
     channels_last: bool = False
+    compile: bool = False
     steps: int = 5
     warmup: int = 2
     seed: int = 0
@@ -110,7 +111,8 @@ class BenchConfig:
 # Measuring (the memory accounting is in :mod:`nni_darts_variants.memory`)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int) -> Any:
+def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int,
+               compile: bool = False) -> Any:
     """A Lightning callback measuring each ``training_step`` (see the module docstring)."""
     import pytorch_lightning as pl
 
@@ -121,6 +123,7 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             self.seconds: list[float] = []
             self.peaks: list[int] = []
             self.params = self.arch_params = 0
+            self.first_seconds = 0.0
             self._counter: LiveSavedTensorCounter | None = None
             self._hooks: Any = None
             self._sampler = RssSampler()
@@ -129,6 +132,9 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if channels_last:
                 pl_module.to(memory_format=torch.channels_last)
+            if compile:
+                from .speed import compile_supernet
+                compile_supernet(pl_module)
             arch = pl_module.arch_parameters() if hasattr(pl_module, 'arch_parameters') else []
             self.params = sum(p.numel() for p in pl_module.parameters())
             self.arch_params = sum(p.numel() for p in arch)
@@ -152,6 +158,8 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._sync()
             seconds = time.perf_counter() - self._start
+            if batch_idx == 0:
+                self.first_seconds = seconds  # with --compile: the compilation, under the saved-tensor hooks
             if batch_idx < warmup:
                 self._hooks.__exit__(None, None, None)
                 self.activation.append(self._counter.peak_bytes)
@@ -277,7 +285,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
     baseline = rss()
     pl.seed_everything(cfg.seed, verbose=False)
     strategy, module, epochs, note = build_row_module(row, cfg)
-    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline)
+    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline, cfg.compile)
     bench_trainer(cfg, epochs, [meter]).fit(module, train_dataloaders=bench_loaders(cfg, batch_size))
     if len(meter.seconds) < cfg.steps:
         raise RuntimeError(f'only {len(meter.seconds)} of {cfg.steps} timed steps ran')
@@ -286,6 +294,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
             'activation_bytes': max(meter.activation), 'saved_bytes': max(meter.saved),
             'peak_bytes': max(meter.peaks), 'peak_kind': 'cuda_max_allocated' if cfg.device == 'cuda' else 'rss',
             'step_seconds': statistics.median(meter.seconds), 'step_seconds_all': meter.seconds,
+            'first_step_seconds': meter.first_seconds,
             'params': meter.params, 'arch_params': meter.arch_params}
 
 

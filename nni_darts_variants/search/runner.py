@@ -17,6 +17,7 @@ from ..data import SearchData, build_search_data
 from ..distributed import DistributedArchSync, is_global_zero
 from ..nasbench201 import export_nb201
 from ..registry import build_space, create_strategy
+from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
@@ -63,7 +64,8 @@ def _build_data(cfg: dict[str, Any]) -> SearchData:
     data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
                              train_portion=d['train_portion'], num_workers=d['num_workers'],
                              image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
-                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'])
+                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'],
+                             in_memory=d['in_memory'])
     _logger.info('data %s', data.description)
     return data
 
@@ -90,7 +92,7 @@ def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, moni
                                                  save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
             GracefulStop(run_dir), checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
-            *(extra or [])]
+            *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
 def _train(cfg: dict[str, Any], data: SearchData, run_dir: Path, space: Any, strategy: Any, callbacks: list,
@@ -165,6 +167,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
     run_dir = run_dir_of(cfg, output)
+    apply_threads(cfg['train']['threads'])
     pl.seed_everything(cfg['seed'], verbose=False)
     # Everything that can fail on bad input is built before the run folder is touched.
     data = _build_data(cfg)
