@@ -12,20 +12,8 @@ from nni_darts_variants.strategies.darts import Darts, virtual_step
 from nni_darts_variants.testing import tiny_evaluator, tiny_loaders, tiny_space
 
 
-def _supernet(strategy, dtype=torch.float32, seed=0):
-    """A mutated tiny space wrapped in the strategy's Lightning module (no trainer)."""
-    torch.manual_seed(seed)
-    space = tiny_space()
-    strategy.mutate_model(space)
-    evaluator = tiny_evaluator()
-    module = strategy.configure_oneshot_module(evaluator.module)
-    module.set_model(space)
-    module.to(dtype)
-    return module, space
-
-
-def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates():
-    module, space = _supernet(create_strategy('darts'))
+def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     edge = space.cells[0].edges['3_1']
     calls = []
     hooks = [edge[name].register_forward_hook(lambda m, i, o, n=name: calls.append(n)) for name in edge.names]
@@ -41,8 +29,8 @@ def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates():
     assert torch.isclose(edge.op_weights().sum(), torch.tensor(1.0))
 
 
-def test_large_logit_selects_its_op():
-    module, space = _supernet(create_strategy('darts'))
+def test_large_logit_selects_its_op(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     edge = space.cells[0].edges['2_0']
     with torch.no_grad():
         edge.alpha.zero_()
@@ -51,8 +39,8 @@ def test_large_logit_selects_its_op():
     assert torch.allclose(edge(x), edge['avg_pool_3x3'](x), atol=1e-5)
 
 
-def test_alphas_shared_per_cell_type_and_shapes():
-    module, space = _supernet(create_strategy('darts'))
+def test_alphas_shared_per_cell_type_and_shapes(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     normal = [c for c in space.cells if not c.reduction]
     reduce = [c for c in space.cells if c.reduction]
     assert len(reduce) == 2 and len(normal) == 1
@@ -94,8 +82,8 @@ def _no_log(module):
     module.manual_backward = lambda loss, **kwargs: loss.backward(**kwargs)
 
 
-def test_second_order_with_zero_xi_equals_first_order_exactly():
-    first, _ = _supernet(Darts(order=1), torch.float64)
+def test_second_order_with_zero_xi_equals_first_order_exactly(supernet):
+    first, _ = supernet.lightning(Darts(order=1), dtype=torch.float64)
     second = copy.deepcopy(first)
     second.strategy = Darts(order=2, unrolled_lr=0.0)
     for m in (first, second):
@@ -107,8 +95,8 @@ def test_second_order_with_zero_xi_equals_first_order_exactly():
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_second_order_restores_weights_exactly():
-    module, _ = _supernet(Darts(order=2, unrolled_lr=0.5), torch.float64)
+def test_second_order_restores_weights_exactly(supernet):
+    module, _ = supernet.lightning(Darts(order=2, unrolled_lr=0.5), dtype=torch.float64)
     _no_log(module)
     _attach_optimizer(module)
     before = [w.detach().clone() for w in module.weight_parameters()]
