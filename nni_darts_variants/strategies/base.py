@@ -6,6 +6,7 @@ algorithm differs. The lifecycle is documented once, on :class:`DartsVariant`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -22,6 +23,7 @@ from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
 from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedRepeat
 
 from search_spaces.cell import DartsCell, edge_label, input_label
+from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 
 __all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of']
@@ -32,6 +34,18 @@ _logger = logging.getLogger(__name__)
 def loss_of(step_output: Any) -> torch.Tensor:
     """The loss in what a Lightning ``training_step`` returned (a tensor or a dict with ``'loss'``)."""
     return step_output['loss'] if isinstance(step_output, dict) else step_output
+
+
+def example_input(batch: Any) -> torch.Tensor:
+    """The input tensor of a batch (the first tensor of ``(x, y)``, or of the ``'train'`` entry of a dict)."""
+    while not isinstance(batch, torch.Tensor):
+        if isinstance(batch, dict):
+            batch = batch['train'] if 'train' in batch else next(iter(batch.values()))
+        elif isinstance(batch, (list, tuple)) and batch:
+            batch = batch[0]
+        else:
+            raise TypeError(f'no input tensor found in the batch ({type(batch).__name__})')
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -46,7 +60,8 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
     with the same label share one ``alpha`` (NNI's memo), hence all cells of a type share their parameters.
 
     Hooks for variants: :meth:`op_weights` (weights used by :meth:`forward`), :meth:`ranking_weights` (weights the
-    discretization ranks by), :meth:`forward`, :meth:`resample`, :meth:`export`, :meth:`from_layer_choice` (extra
+    discretization ranks by), :meth:`cost_probs` (the tensor probabilities of the expected hardware cost),
+    :meth:`forward`, :meth:`resample`, :meth:`export`, :meth:`from_layer_choice` (extra
     configuration from the strategy's ``mutate_kwargs``).
     """
 
@@ -73,6 +88,14 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
     def ranking_weights(self) -> torch.Tensor:
         """Weights the discretization ranks by (softmax of alpha, ``none`` in the denominator)."""
         return F.softmax(self._arch_alpha.detach(), dim=-1)
+
+    def cost_probs(self) -> torch.Tensor:
+        """Probabilities of the candidates in the expected hardware cost, with gradient to alpha.
+
+        Default: the forward weights (:meth:`op_weights`): DARTS's softmax, GDAS's straight-through one-hot,
+        DropNAS's softmax over the kept ops, PARSEC's prior. ``export_probs`` stays the float version for logging.
+        """
+        return self.op_weights()
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         weights = self.op_weights()
@@ -185,11 +208,14 @@ class VariantLightningModule(DartsLightningModule):
     skip_unread_gradients: ClassVar[bool] = True
 
     def __init__(self, training_module: Any, strategy: 'DartsVariant'):
+        hardware_cost = isinstance(strategy.penalty, HardwareCost)  # NNI's module accepts its own penalty only
         super().__init__(training_module, arc_learning_rate=strategy.arc_learning_rate,
                          gradient_clip_val=strategy.gradient_clip_val,
                          log_prob_every_n_step=strategy.log_prob_every_n_step,
-                         warmup_epochs=strategy.warmup_epochs, penalty=strategy.penalty)
+                         warmup_epochs=strategy.warmup_epochs, penalty=None if hardware_cost else strategy.penalty)
         self.strategy = strategy
+        if hardware_cost:
+            self.penalty = strategy.penalty
 
     # ----- the step -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
@@ -206,13 +232,43 @@ class VariantLightningModule(DartsLightningModule):
         """Whether this batch has an architecture step (not during warm-up)."""
         return self.trainer.current_epoch >= self.warmup_epochs
 
+    def task_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The evaluator's training loss on ``batch`` (no penalty)."""
+        return loss_of(self.training_module.training_step(batch, 2 * batch_idx))
+
     def architecture_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Loss of the architecture step (the evaluator's training loss on ``batch``, plus any penalty)."""
-        loss = loss_of(self.training_module.training_step(batch, 2 * batch_idx))
-        if self.penalty is not None:
-            loss, details = self.penalty(loss, self.export_probs())
-            self.log_dict({f'penalty/{k}': v for k, v in details.items()})
+        """Loss of the architecture step: :meth:`task_loss` with the penalty of :meth:`penalized_loss`."""
+        return self.penalized_loss(self.task_loss(batch, batch_idx), batch)
+
+    def penalized_loss(self, loss: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``loss`` with the strategy's hardware cost or NNI penalty on :meth:`cost_probs` (tensors, so that the
+        expected cost sends gradient to the architecture parameters). ``batch`` gives the input shape the cost table
+        is built at, on first use."""
+        if self.penalty is None:
+            return loss
+        if isinstance(self.penalty, HardwareCost) and not self.penalty.ready:
+            self.penalty.prepare(self.strategy.cost_space(), example_input(batch))
+        loss, details = self.penalty(loss, self.cost_probs())
+        self.log_dict({f'penalty/{k}': torch.as_tensor(v).detach().float() for k, v in details.items()})
         return loss
+
+    def cost_probs(self) -> dict[str, dict[Any, torch.Tensor]]:
+        """``{label: {candidate: probability}}`` with 0-d tensors carrying gradient: each mixed edge's
+        :meth:`MixedEdge.cost_probs`, the softmax of NNI's mixed ``Repeat`` depths, and any supermodule's own
+        ``cost_probs(memo)``. The input to NNI's ``ExpectationProfilerPenalty`` (whose ``export_probs`` are floats)."""
+        probs: dict[str, dict[Any, torch.Tensor]] = {}
+        for module in self.supernet_modules():
+            if isinstance(module, MixedEdge):
+                if module.label not in probs:
+                    probs[module.label] = dict(zip(module.names, module.cost_probs()))
+            elif isinstance(module, DifferentiableMixedRepeat):
+                # NNI 3.0 keeps the depth logits in the private ``_arch_alpha`` (a ParameterDict) and ``_softmax``.
+                for label, spec in module.depth_choice.simplify().items():
+                    if label not in probs:
+                        probs[label] = dict(zip(spec.values, module._softmax(module._arch_alpha[label])))
+            elif hasattr(module, 'cost_probs'):
+                probs.update(module.cost_probs(memo=probs))
+        return probs
 
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
         """Fill ``.grad`` of the architecture parameters; first order: the gradient of the validation loss."""
@@ -407,7 +463,13 @@ class DartsVariant(DARTS):
         Log the architecture probabilities every this many steps.
     penalty
         NNI's expectation profiler penalty (``nni.nas.oneshot.pytorch.profiler.ExpectationProfilerPenalty`` or its
-        keyword arguments), added to the architecture loss.
+        keyword arguments), applied to the architecture loss with the tensor probabilities of
+        ``VariantLightningModule.cost_probs``, so that it sends gradient to the alphas.
+    cost
+        A differentiable hardware cost in the official ProxylessNAS forms
+        (:class:`~nni_darts_variants.cost.HardwareCost` or its YAML mapping, e.g.
+        ``{metric: latency, target_ms: 20, form: mul#log}`` or ``{metric: flops, target_mflops: 300}``); its cost
+        table is built from the unmutated model space at the first architecture step. Not together with ``penalty``.
     mutation_hooks
         Extra NNI mutation hooks, run before the variant's own.
     """
@@ -423,7 +485,7 @@ class DartsVariant(DARTS):
     def __init__(self, *, arc_learning_rate: float = 3e-4, arc_betas: Sequence[float] = (0.5, 0.999),
                  arc_weight_decay: float = 1e-3, arc_gradient_clip_val: float | None = None,
                  gradient_clip_val: float | None = 5.0, warmup_epochs: int = 0, log_prob_every_n_step: int = 10,
-                 penalty: Any = None, mutation_hooks: list | None = None):
+                 penalty: Any = None, cost: Any = None, mutation_hooks: list | None = None):
         if arc_learning_rate <= 0:
             raise ValueError(f'arc_learning_rate must be positive, got {arc_learning_rate}')
         if len(arc_betas) != 2 or not all(0 <= b < 1 for b in arc_betas):
@@ -434,12 +496,32 @@ class DartsVariant(DARTS):
             raise ValueError(f'warmup_epochs must be >= 0, got {warmup_epochs}')
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f'gradient_clip_val must be positive or None, got {gradient_clip_val}')
+        hardware_cost = cost_from_config(cost)
+        if hardware_cost is not None and penalty is not None:
+            raise ValueError('give either cost (our hardware cost) or penalty (NNI\'s profiler penalty), not both')
         super().__init__(arc_learning_rate=arc_learning_rate, gradient_clip_val=gradient_clip_val,
                          log_prob_every_n_step=log_prob_every_n_step, warmup_epochs=warmup_epochs,
                          penalty=penalty, mutation_hooks=mutation_hooks)
         self.arc_betas = tuple(arc_betas)
         self.arc_weight_decay = arc_weight_decay
         self.arc_gradient_clip_val = arc_gradient_clip_val
+        if hardware_cost is not None:
+            self.penalty = hardware_cost
+        self._cost_space: nn.Module | None = None
+
+    def mutate_model(self, model: Any) -> Any:
+        """NNI's mutation; with a hardware cost, a copy of the unmutated space is kept first for its cost table
+        (and a table built on an earlier space is dropped: P-DARTS mutates a new space per stage)."""
+        if isinstance(self.penalty, HardwareCost):
+            self._cost_space = copy.deepcopy(model)
+            self.penalty.forget_table()
+        return super().mutate_model(model)
+
+    def cost_space(self) -> nn.Module:
+        """The unmutated copy of the model space the hardware cost's table is built from."""
+        if self._cost_space is None:
+            raise RuntimeError('no model space copy for the cost table: mutate_model has not run')
+        return self._cost_space
 
     def mutate_kwargs(self) -> dict[str, Any]:
         """Configuration handed to the supermodules' ``mutate`` (override to add the variant's settings)."""

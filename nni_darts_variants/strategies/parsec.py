@@ -214,13 +214,16 @@ class ParsecLightning(VariantLightningModule):
         log_likelihoods, log_priors, losses = [], [], []
         for _ in range(self.strategy.num_samples):
             with torch.no_grad():
-                loss, log_likelihood = self._sample_loss(val_batch, batch_idx, self.architecture_loss)
+                loss, log_likelihood = self._sample_loss(val_batch, batch_idx, self.task_loss)
             losses.append(loss)
             log_likelihoods.append(log_likelihood)
             log_priors.append(log_prior(self.training_module))
         omega = importance_weights(torch.stack(log_likelihoods))
-        self.manual_backward(-(omega * torch.stack(log_priors)).sum())
-        return (omega * torch.stack(losses)).sum()
+        weighted_loss = (omega * torch.stack(losses)).sum()
+        # A hardware cost enters the prior's gradient: its expectation under the prior, in the penalty's form.
+        cost_term = self.penalized_loss(weighted_loss, val_batch) - weighted_loss
+        self.manual_backward(-(omega * torch.stack(log_priors)).sum() + cost_term)
+        return weighted_loss + cost_term.detach()
 
     def _weight_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return loss_of(self.training_module.training_step(batch, batch_idx))
@@ -279,8 +282,9 @@ class Parsec(DartsVariant):
         Whether ``none`` is in the prior over operations (default ``False``: a child never has a zero edge).
     **kwargs
         See :class:`~nni_darts_variants.strategies.base.DartsVariant` (DARTS defaults: Adam 3e-4, (0.5, 0.999),
-        1e-3; unverified for PARSEC). ``penalty`` sees ``export_probs`` (the op probabilities) and adds the same
-        amount to every child's loss.
+        1e-3; unverified for PARSEC). A hardware ``cost`` (or NNI ``penalty``) enters the prior's gradient:
+        ``penalized(L) - L`` with ``L`` the importance-weighted loss and the expected cost under the prior
+        (``softmax`` of the op logits; each DARTS edge weighted by its share ``2 / n``) is added to the surrogate.
     """
 
     name = 'parsec'

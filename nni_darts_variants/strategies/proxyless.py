@@ -96,6 +96,16 @@ class ProxylessEdge(MixedEdge):
         self.paths = tuple(memo[key]) if key in memo else self._sample()
         return {self.label: self.names[self.active], key: self.paths}
 
+    def cost_probs(self) -> torch.Tensor:
+        """The official ``current_prob_over_ops``: in a two-path arch step, ``softmax(alpha[pair])`` at the pair's
+        indices and 0 elsewhere (so the cost gradient reaches only the two sampled alphas, and the rescaling keeps
+        every other probability); otherwise ``softmax(alpha)``."""
+        probs = F.softmax(self.alpha, -1)
+        if self.phase != 'arch' or self.grad_binary_mode != 'two' or self.paths is None or len(self.paths) < 2:
+            return probs
+        pair = torch.as_tensor(self.paths, device=probs.device)
+        return torch.zeros_like(probs).index_put((pair,), F.softmax(self.alpha[pair], -1))
+
     def run_path(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return self[self.names[index]](x)
 
@@ -204,8 +214,12 @@ class ProxylessNAS(DartsVariant):
     active path is zero (``none``/``zero``) gets no alpha update that step. All cells of a type share one sample.
 
     Export: argmax of alpha (the DARTS rule inside cells), never a sample (NNI's built-in ``Proxyless`` samples).
-    A latency/FLOPs expectation penalty goes through ``penalty`` (NNI's ``ExpectationProfilerPenalty``), fed by
-    ``export_probs`` (softmax of alpha per choice).
+
+    Hardware cost: ``cost={metric: latency, target_ms: ..., form: mul#log}`` (or FLOPs) adds the official
+    ``mul#log`` / ``add#linear`` loss on the expected cost (:mod:`nni_darts_variants.cost`); NNI's
+    ``ExpectationProfilerPenalty`` also works as ``penalty``. Both see :meth:`ProxylessEdge.cost_probs`, the official
+    ``current_prob_over_ops`` (two-path: the pair's softmax at its indices; ``full_v2``: ``softmax(alpha)``), as
+    tensors, so the cost gradient adds to the gate gradient; an edge whose active path is zero drops both.
 
     Parameters
     ----------
