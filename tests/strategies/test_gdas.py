@@ -196,3 +196,23 @@ def test_activation_memory_is_that_of_the_sampled_path(supernet):
     single_bytes = saved_tensor_bytes(lambda: single(x).sum(), single.parameters())
     assert gdas_bytes == pytest.approx(single_bytes, rel=0.01)
     assert gdas_bytes < 0.5 * saved_tensor_bytes(lambda: full(x).sum(), full.parameters())
+
+
+def test_final_bn_relu_option_of_the_space(supernet):
+    """The official GDAS network's ``lastact``: the classifier sees ``pool(relu(bn(last cell)))``; by default
+    ``pool(last cell)``; the option adds no state to the default network."""
+    from search_spaces import DartsSpace
+    for final in (False, True):
+        space = DartsSpace(width=8, num_cells=3, dataset='digits', final_bn_relu=final)
+        net = supernet(Darts(), space=space)
+        seen = {}
+        net.cells[-1].register_forward_hook(lambda m, i, o: seen.__setitem__('cell', o.detach()))
+        net.classifier.register_forward_hook(lambda m, i, o: seen.__setitem__('pooled', i[0].detach()))
+        net(torch.randn(4, 1, 8, 8))
+        cell = seen['cell']
+        if final:
+            mean, var = cell.mean((0, 2, 3), keepdim=True), cell.var((0, 2, 3), unbiased=False, keepdim=True)
+            cell = torch.relu((cell - mean) / torch.sqrt(var + 1e-5))
+        torch.testing.assert_close(seen['pooled'], cell.mean((2, 3)), rtol=1e-4, atol=1e-5)
+    assert DartsSpace(width=8, num_cells=3, dataset='digits').state_dict().keys() == \
+        DartsSpace(width=8, num_cells=3, dataset='digits', final_bn_relu=False).state_dict().keys()
