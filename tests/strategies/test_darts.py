@@ -328,3 +328,34 @@ def test_arch_step_changes_every_alpha_and_no_weight_weight_step_the_reverse(ord
             assert all(alpha_moved) and not any(weight_moved)
         else:
             assert not any(alpha_moved) and sum(weight_moved) > 0.9 * len(weight_moved)
+
+
+def test_second_order_updates_batch_norm_statistics_as_the_official_code(supernet):
+    """Official ``architect.py``: the train forward at ``w`` and the two finite-difference forwards update the model's
+    running statistics; the validation forward at ``w'`` runs on a copy. Three updates, and the running mean is
+    that of the three training forwards (the first BN of the stem sees the raw input, whatever the weights)."""
+    module, _ = supernet.lightning(Darts(order=2), dtype=torch.float64)
+    _no_log(module)
+    _attach_optimizer(module)
+    trn, val = _batches(torch.float64)
+    stem_bn = module.training_module.model.stem0[1]
+    stem_conv = module.training_module.model.stem0[0]
+    with torch.no_grad():
+        conv_out = stem_conv(trn[0])
+    _arch_grads(module, trn, val)
+    assert int(stem_bn.num_batches_tracked) == 3
+    m = stem_bn.momentum
+    # w, w + eps v, w - eps v: the stem conv moves by +-eps v, its mean output is linear in it, so the three batch
+    # means average to the mean at w: running = (1 - (1 - m)^3) * mean(conv(x) at w), to rounding of eps v terms
+    expected = (1 - (1 - m) ** 3) * conv_out.mean((0, 2, 3))
+    torch.testing.assert_close(stem_bn.running_mean, expected, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize('option', [{'nesterov': True}, {'dampening': 0.1}])
+def test_second_order_rejects_nesterov_or_dampened_sgd(option, supernet):
+    from nni_darts_variants.strategies.darts import check_virtual_step
+    module, _ = supernet.lightning(Darts(order=2))
+    opt = torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9, **option)
+    with pytest.raises(ValueError, match='second-order DARTS unrolls plain momentum SGD.*order=1'):
+        check_virtual_step(opt)
+    check_virtual_step(torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9))
