@@ -262,3 +262,24 @@ def test_partial_channels_activation_memory_follows_the_mechanism(k, supernet):
     pc = supernet(PCDarts(partial_channels_k=k, edge_normalization=False))
     measured = saved_tensor_bytes(lambda: pc(x).sum(), pc.parameters())
     assert measured == pytest.approx(expected, rel=0.01)
+
+
+def test_imagenet_search_lr_warmup_option():
+    """``train.lr_warmup_epochs`` (official ``train_search_imagenet.py`` for batches over 256): during the first
+    5 epochs the cosine LR times ``(epoch + 1) / 5``; then the plain cosine; 0 (default) is the plain cosine."""
+    import math
+    from nni_darts_variants.search.evaluator import SearchClassification
+    lr, lr_min, epochs = 0.5, 0.0, 50
+    cosine = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    for warmup in (0, 5):
+        module = SearchClassification(learning_rate=lr, learning_rate_min=lr_min, max_epochs=epochs,
+                                      lr_warmup_epochs=warmup)
+        module.set_model(nn.Linear(2, 2))
+        (optimizer,), (config,) = module.configure_optimizers()
+        seen = []
+        for _ in range(epochs):
+            seen.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            config['scheduler'].step()
+        expected = [c * ((e + 1) / warmup if e < warmup else 1.0) for e, c in enumerate(cosine)]
+        assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12)
