@@ -359,3 +359,17 @@ def test_second_order_rejects_nesterov_or_dampened_sgd(option, supernet):
     with pytest.raises(ValueError, match='second-order DARTS unrolls plain momentum SGD.*order=1'):
         check_virtual_step(opt)
     check_virtual_step(torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9))
+
+
+def test_unused_input_choice_alphas_are_not_weights(supernet):
+    """NNI's memo alpha of each ``InputChoice`` is unused by DARTS' plain-sum nodes: not in ``weight_parameters``
+    (the SGD optimizer and the virtual step), not in the state dict; PC-DARTS' beta stays a parameter."""
+    from nni_darts_variants.strategies.pcdarts import PCDarts
+    module, _ = supernet.lightning(Darts(order=2))
+    weights = {id(w) for w in module.weight_parameters()}
+    memo = module.strategy._arch_parameters
+    inputs = [a for label, a in memo.items() if '/input_' in label]
+    assert len(inputs) == 8 and not any(id(a) in weights for a in inputs)
+    assert not any('_memo_alpha' in key for key in module.training_module.state_dict())
+    pc, _ = supernet.lightning(PCDarts())
+    assert sum('_memo_alpha' in name for name, _ in pc.training_module.named_parameters()) == 8
