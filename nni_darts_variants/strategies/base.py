@@ -153,6 +153,11 @@ class MixedNode(InputChoice, BaseSuperNetModule):
         super().__init__(n_candidates, n_chosen, reduction='sum', label=label)
         self._memo_alpha = alpha
         self.config = config
+        if alpha is not None and all(p is not alpha for p in self.arch_parameters()):
+            # NNI's alpha for a choice this node does not weight by (a plain sum) is no parameter of the node: it
+            # stays out of the weight optimizer and the second-order virtual step (which would decay it)
+            del self._parameters['_memo_alpha']
+            object.__setattr__(self, '_memo_alpha', alpha)
 
     def input_weights(self) -> torch.Tensor | None:
         """Weights of the incoming edges in the forward pass; ``None`` for a plain sum."""
