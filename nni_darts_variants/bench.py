@@ -209,10 +209,7 @@ def bench_loaders(cfg: BenchConfig, batch_size: int, num_classes: int = 10) -> d
 
 def _bench_kwargs(klass: type) -> tuple[dict[str, Any], list[str]]:
     """Overrides that make every batch a full search step (architecture and weights); and notes saying so."""
-    from .registry import strategy_parameters
-    params = strategy_parameters(klass)
-    wanted = {'warmup_epochs': 0, 'stage_warmup_epochs': 0, 'arch_update_every': 1}
-    kwargs = {k: v for k, v in wanted.items() if k in params and params[k].default != v}
+    kwargs = dict(klass.full_step_kwargs())
     return kwargs, [f'{k}={v}' for k, v in kwargs.items()]
 
 
@@ -264,7 +261,7 @@ def build_row_module(row: str, cfg: BenchConfig) -> tuple[Any, Any, int, str]:
     strategy, note = build_row_strategy(row)
     space = DartsSpace(width=cfg.width, num_cells=cfg.num_cells, dataset='cifar10')
     strategy.mutate_model(space)
-    epochs = getattr(strategy, 'total_epochs', SEARCH_EPOCHS)
+    epochs = strategy.required_max_epochs() or SEARCH_EPOCHS
     module = strategy.configure_oneshot_module(SearchClassification(num_classes=10, max_epochs=epochs))
     module.set_model(space)
     return strategy, module, epochs, note
