@@ -116,6 +116,8 @@ BUILTIN_SPACES: dict[str, tuple[str, str, str]] = {
               'DARTS CNN cell search network: 8 ops incl. none, 4 nodes, 14 edges; CIFAR-10 or ImageNet stem'),
     'proxylessnas': ('search_spaces.proxylessnas', 'ProxylessSpace',
                      'ProxylessNAS MobileNetV2-style space: 21 blocks, MBConv expand 3/6 x kernel 3/5/7, zero option'),
+    'nasbench201': ('search_spaces.nasbench201', 'NasBench201Space',
+                    'NAS-Bench-201 search network: 3 stages of N cells, 6 edges x 5 ops shared, scored by table lookup'),
 }
 
 #: The DartsSpace preset that suits each dataset of ``nni_darts_variants.data``.

@@ -17,7 +17,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ..config import ConfigError
 from ..data import SearchData, build_search_data
 from ..distributed import DistributedArchSync, is_global_zero
+from ..nasbench201 import export_nb201
 from ..registry import build_space, create_strategy
+from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
@@ -64,7 +66,8 @@ def _build_data(cfg: dict[str, Any]) -> SearchData:
     data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
                              train_portion=d['train_portion'], num_workers=d['num_workers'],
                              image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
-                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'])
+                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'],
+                             in_memory=d['in_memory'])
     _logger.info('data %s', data.description)
     return data
 
@@ -91,7 +94,7 @@ def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, moni
                                                  save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
             stop, checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
-            *(extra or [])]
+            *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
 def _train(cfg: dict[str, Any], data: SearchData, run_dir: Path, space: Any, strategy: Any, callbacks: list,
@@ -143,6 +146,9 @@ def _write_results(cfg: dict[str, Any], run_dir: Path, strategy: Any, genotype: 
         metrics['evaluate'] = evaluate_sample(space_factory, sample, data, cfg['evaluate']['epochs'],
                                               cfg['evaluate']['learning_rate'], cfg['train']['accelerator'],
                                               cfg['seed'])
+    nb201 = export_nb201(sample, run_dir)  # a NAS-Bench-201 cell: nb201.json, its string and table accuracy
+    if nb201 is not None:
+        metrics['nb201'] = nb201
     write_json(run_dir / 'result.json', {'metrics': metrics, 'genotype': genotype.to_dict() if genotype else None,
                                          'sample': sample})
     return metrics
@@ -163,6 +169,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
     run_dir = run_dir_of(cfg, output)
+    apply_threads(cfg['train']['threads'])
     pl.seed_everything(cfg['seed'], verbose=False)
     # Everything that can fail on bad input is built before the run folder is touched.
     data = _build_data(cfg)

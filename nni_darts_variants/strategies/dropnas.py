@@ -154,7 +154,8 @@ class DropNASLightning(VariantLightningModule):
         arc_optim = self.architecture_optimizers()
         arc_optim.zero_grad()
         output = self.training_module.training_step(batch['train'], batch_idx)
-        self.advance_optimization(loss_of(output), batch_idx, self.gradient_clip_val)
+        self.advance_optimization(self.one_level_loss(loss_of(output), batch['train'], arch), batch_idx,
+                                  self.gradient_clip_val)
         if arch:
             self.masked_arch_step(arc_optim, edges)
         self.partial_decay_step(arc_optim, edges, arch, batch_idx)
@@ -165,6 +166,14 @@ class DropNASLightning(VariantLightningModule):
         if batch_idx % self.log_prob_every_n_step == 0:
             self.log_probs(self.export_probs())
         return output
+
+    def one_level_loss(self, loss: torch.Tensor, batch: Any, arch: bool) -> torch.Tensor:
+        """The loss of both steps: with a hardware cost or penalty, ``loss + penalized(loss') - loss'`` where
+        ``loss'`` is ``loss`` detached, so the cost reaches the kept alphas and leaves the weight gradient as it is."""
+        if not arch or self.penalty is None:
+            return loss
+        constant = loss.detach()
+        return loss + self.penalized_loss(constant, batch) - constant
 
     def drop_edges(self) -> dict[str, DropEdge]:
         """One :class:`DropEdge` per label (edges of a label share alpha and mask)."""
@@ -253,6 +262,7 @@ class DropNAS(DartsVariant):
     name = 'dropnas'
     description = 'DropNAS (Hong et al. 2020): grouped operation dropout for one-level DARTS'
     edge_class = DropEdge
+    darts_fallback_for = ('value choice',)
     module_class = DropNASLightning
 
     def __init__(self, *, drop_rate: float = 3e-5, weight_decay: float = 3e-4, alpha_decay: float = 1e-3,

@@ -140,7 +140,10 @@ class PDartsLightning(VariantLightningModule):
         return {edge.label: list(edge.names) for edge in self.cell_edges()}
 
     def cell_edges(self) -> Iterator[MixedEdge]:
-        for cell in self.darts_cells().values():
+        cells = self.darts_cells()
+        if not cells:  # a space without DartsCell (NasBench201Space): every mixed edge, once per label
+            yield from {m.label: m for m in self.supernet_modules() if isinstance(m, MixedEdge)}.values()
+        for cell in cells.values():
             for node in cell.node_indices:
                 for j in range(node):
                     yield cell.edge(node, j)
@@ -266,6 +269,11 @@ class PDarts(DartsVariant):
         super().__init__(arc_learning_rate=arc_learning_rate, arc_gradient_clip_val=arc_gradient_clip_val, **kwargs)
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
+
+    def mutate_model(self, model: Any) -> Any:
+        """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations."""
+        space_blueprint(model)
+        return super().mutate_model(model)
 
     def schedule_epochs(self, max_epochs: int) -> int:
         """Each stage restarts the weight schedule (fresh optimizers), over one stage's epochs, as the official code."""
