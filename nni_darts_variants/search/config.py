@@ -24,7 +24,7 @@ SEARCH_SCHEMA: dict[str, Any] = {
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
               'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False, 'num_nodes': 1,
-              'threads': None, 'compile': False},
+              'threads': None, 'compile': False, 'lr_warmup_epochs': 0},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
@@ -41,7 +41,7 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     if cfg['train']['num_nodes'] < 1:
         raise ConfigError(f'train.num_nodes must be >= 1, got {cfg["train"]["num_nodes"]}')
     _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train']['max_epochs'])
-    for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay'):
+    for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay', 'lr_warmup_epochs'):
         if cfg['train'][key] < 0:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
     try:

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 from ..config import ConfigError
 from ..data import SearchData, build_search_data
 from ..distributed import DistributedArchSync, is_global_zero
+from ..nasbench201 import export_nb201
 from ..registry import build_space, create_strategy
 from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
@@ -143,6 +144,9 @@ def _write_results(cfg: dict[str, Any], run_dir: Path, strategy: Any, genotype: 
         metrics['evaluate'] = evaluate_sample(space_factory, sample, data, cfg['evaluate']['epochs'],
                                               cfg['evaluate']['learning_rate'], cfg['train']['accelerator'],
                                               cfg['seed'])
+    nb201 = export_nb201(sample, run_dir)  # a NAS-Bench-201 cell: nb201.json, its string and table accuracy
+    if nb201 is not None:
+        metrics['nb201'] = nb201
     write_json(run_dir / 'result.json', {'metrics': metrics, 'genotype': genotype.to_dict() if genotype else None,
                                          'sample': sample})
     return metrics

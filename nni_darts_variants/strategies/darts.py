@@ -8,7 +8,7 @@ import torch
 from ..registry import register_strategy
 from .base import DartsVariant, VariantLightningModule, loss_of
 
-__all__ = ['Darts', 'DartsLightning', 'virtual_step']
+__all__ = ['Darts', 'DartsLightning', 'virtual_step', 'check_virtual_step']
 
 
 def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], optimizer: torch.optim.Optimizer,
@@ -35,8 +35,22 @@ def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], 
     return result
 
 
+def check_virtual_step(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` if :func:`virtual_step` cannot predict ``optimizer``'s step (Nesterov or dampened SGD)."""
+    for group in optimizer.param_groups:
+        if group.get('nesterov') or group.get('dampening'):
+            raise ValueError(f"second-order DARTS unrolls plain momentum SGD, but the weight optimizer has "
+                             f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}: set "
+                             f"train.nesterov: false (and dampening 0), or use order=1")
+
+
 class DartsLightning(VariantLightningModule):
     """DARTS search loop: the base loop, plus the unrolled (second-order) architecture gradient."""
+
+    def on_train_start(self) -> None:
+        if self.strategy.order == 2:
+            check_virtual_step(self.weight_optimizer())
+        return super().on_train_start()
 
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
         if self.strategy.order == 1:
@@ -56,7 +70,9 @@ class DartsLightning(VariantLightningModule):
 
         ``w' = w - xi * (momentum * buf + grad_w L_train + wd * w)`` is a virtual step of the weight optimizer with
         ``xi`` its current learning rate. The weights are saved and restored exactly around the virtual step and
-        the finite differences.
+        the finite differences. As in the official code, whose validation forward runs on a copy of the model, the
+        forward at ``w'`` leaves the batch-norm running statistics as they were (the training forwards at ``w`` and
+        ``w +- eps v`` update them, three updates per step).
         """
         weights = self.weight_parameters()
         alphas = self.arch_parameters()
@@ -70,9 +86,13 @@ class DartsLightning(VariantLightningModule):
             with torch.no_grad():
                 for w, u in zip(weights, unrolled):
                     w.copy_(u)
-            # 2. gradients of the validation loss at w'
+            # 2. gradients of the validation loss at w' (on the official model copy: running statistics unchanged)
+            running = [b.detach().clone() for b in self.training_module.buffers()]
             val_loss = self.architecture_loss(val_batch, batch_idx)
             d_all = torch.autograd.grad(val_loss, alphas + weights, allow_unused=True)
+            with torch.no_grad():  # after the backward, which reads them
+                for b, r in zip(self.training_module.buffers(), running):
+                    b.copy_(r)
             d_alpha = [torch.zeros_like(a) if g is None else g for g, a in zip(d_all[:len(alphas)], alphas)]
             v = [torch.zeros_like(w) if g is None else g for g, w in zip(d_all[len(alphas):], weights)]
             # 3. Hessian-vector product by finite differences around w
