@@ -373,12 +373,31 @@ class VariantLightningModule(DartsLightningModule):
         self.resample()
         arc_optim.zero_grad()
         loss = self.compute_arch_gradients(trn_batch, val_batch, batch_idx)
-        if self.strategy.arc_gradient_clip_val:
-            nn.utils.clip_grad_norm_(self.arch_parameters(), self.strategy.arc_gradient_clip_val)
+        if self.strategy.arc_gradient_clip_val:  # the gradients are still multiplied by the loss scale here
+            nn.utils.clip_grad_norm_(self.arch_parameters(), self.strategy.arc_gradient_clip_val * self.loss_scale())
         self.before_architecture_update()
         arc_optim.step()
         self.after_architecture_update()
         self.log('arch_loss', loss.detach())
+
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The trainer's fp16 loss scaler (``None`` without one): ``manual_backward`` multiplies the loss by its
+        scale and the optimizer step divides the gradients by it, so gradients set by hand must carry it too."""
+        try:
+            scaler = getattr(self.trainer.precision_plugin, 'scaler', None)  # Lightning 2.x MixedPrecision
+        except RuntimeError:  # not attached to a trainer
+            return None
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def loss_scale(self) -> float:
+        """The current scale of :meth:`loss_scaler` (1 without one)."""
+        scaler = self.loss_scaler()
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale, for gradients taken by hand (``autograd.grad``)."""
+        scaler = self.loss_scaler()
+        return scaler.scale(loss) if scaler is not None else loss
 
     def before_architecture_update(self) -> None:
         """Called after the architecture gradients are ready, before the optimizer step."""
