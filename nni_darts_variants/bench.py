@@ -16,7 +16,8 @@ strategy uses):
   the first use of the libraries would land in the first row (a discarded run of it comes first unless
   ``prime=False``).
 * ``step_seconds``: the median wall time of the timed steps (after the warm-up, no saved-tensor hooks; CUDA is
-  synchronized around each step).
+  synchronized around each step). ``step_cpu_seconds``: the median CPU time of the main thread over the same steps
+  (on CPU with one intra-op thread, the work of the step: it is far less sensitive to other jobs on the machine).
 * ``params``: parameters of the supernet (weights and architecture parameters).
 
 Each figure also gets its ratio to our DARTS (row ``darts``) and to NNI's DARTS (row ``nni-darts``).
@@ -75,6 +76,7 @@ class BenchConfig:
     device: str = 'auto'
     dtype: str = 'float32'
     channels_last: bool = False
+    compile: bool = False
     steps: int = 5
     warmup: int = 2
     seed: int = 0
@@ -111,7 +113,8 @@ class BenchConfig:
 # Measuring (the memory accounting is in :mod:`nni_darts_variants.memory`)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int) -> Any:
+def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int,
+               compile: bool = False) -> Any:
     """A Lightning callback measuring each ``training_step`` (see the module docstring)."""
     import pytorch_lightning as pl
 
@@ -120,8 +123,10 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             self.activation: list[int] = []
             self.saved: list[int] = []
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
             self.peaks: list[int] = []
             self.params = self.arch_params = 0
+            self.first_seconds = 0.0
             self._counter: LiveSavedTensorCounter | None = None
             self._hooks: Any = None
             self._sampler = RssSampler()
@@ -130,6 +135,9 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if channels_last:
                 pl_module.to(memory_format=torch.channels_last)
+            if compile:
+                from .speed import compile_supernet
+                compile_supernet(pl_module)
             arch = pl_module.arch_parameters() if hasattr(pl_module, 'arch_parameters') else []
             self.params = count_parameters(pl_module)
             self.arch_params = sum(p.numel() for p in arch)
@@ -149,10 +157,14 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             else:
                 self._sampler.start()
             self._start = time.perf_counter()
+            self._cpu_start = time.thread_time()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._sync()
             seconds = time.perf_counter() - self._start
+            cpu_seconds = time.thread_time() - self._cpu_start
+            if batch_idx == 0:
+                self.first_seconds = seconds  # with --compile: the compilation, under the saved-tensor hooks
             if batch_idx < warmup:
                 self._hooks.__exit__(None, None, None)
                 self.activation.append(self._counter.peak_bytes)
@@ -160,6 +172,7 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
                 self._counter = self._hooks = None
                 return
             self.seconds.append(seconds)
+            self.cpu_seconds.append(cpu_seconds)
             if batch_idx + 1 >= warmup + steps:
                 trainer.should_stop = True
             if device == 'cuda':
@@ -276,7 +289,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
     baseline = rss()
     pl.seed_everything(cfg.seed, verbose=False)
     strategy, module, epochs, note = build_row_module(row, cfg)
-    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline)
+    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline, cfg.compile)
     bench_trainer(cfg, epochs, [meter]).fit(module, train_dataloaders=bench_loaders(cfg, batch_size))
     if len(meter.seconds) < cfg.steps:
         raise RuntimeError(f'only {len(meter.seconds)} of {cfg.steps} timed steps ran')
@@ -285,6 +298,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
             'activation_bytes': max(meter.activation), 'saved_bytes': max(meter.saved),
             'peak_bytes': max(meter.peaks), 'peak_kind': 'cuda_max_allocated' if cfg.device == 'cuda' else 'rss',
             'step_seconds': statistics.median(meter.seconds), 'step_seconds_all': meter.seconds,
+            'first_step_seconds': meter.first_seconds, 'step_cpu_seconds': statistics.median(meter.cpu_seconds),
             'params': meter.params, 'arch_params': meter.arch_params}
 
 

@@ -130,6 +130,8 @@ BUILTIN_SPACES: dict[str, tuple[str, str, str]] = {
                      'ProxylessNAS MobileNetV2-style space: 21 blocks, MBConv expand 3/6 x kernel 3/5/7, zero option'),
     'nasbench201': ('search_spaces.nasbench201', 'NasBench201Space',
                     'NAS-Bench-201 search network: 3 stages of N cells, 6 edges x 5 ops shared, scored by table lookup'),
+    'nni-hub': ('search_spaces.nni_hub', 'NniHubSpace',
+                "NNI's own hub spaces by name (args: {name: DARTS | NASNet | ENAS | ProxylessNAS | ..., its arguments})"),
 }
 
 #: The DartsSpace preset that suits each dataset of ``nni_darts_variants.data``.
@@ -158,14 +160,15 @@ def get_space(name: str) -> type:
     return getattr(importlib.import_module(module), cls_name)
 
 
-def build_space(name: str, *, in_channels: int | None = None, num_classes: int | None = None,
+def build_space(name: str, /, *, in_channels: int | None = None, num_classes: int | None = None,
                 dataset_hint: str | None = None, **kwargs: Any) -> Any:
     """Build the space ``name`` for data with ``in_channels`` and ``num_classes``; unknown or clashing arguments
     are errors naming them."""
     klass = get_space(name)
-    params = {k for k in init_signature(klass).parameters if k != 'self'}
+    signature = init_signature(klass).parameters
+    params = {k for k, p in signature.items() if k != 'self' and p.kind is not p.VAR_KEYWORD}
     unknown = sorted(set(kwargs) - params)
-    if unknown:
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in signature.values()):  # **args: the space checks them
         raise TypeError(f'space {name!r} got unknown argument(s) {unknown}; valid arguments: {", ".join(sorted(params))}')
     if 'dataset' in params and 'dataset' not in kwargs and dataset_hint in _DATASET_TO_PRESET:
         kwargs['dataset'] = _DATASET_TO_PRESET[dataset_hint]

@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nni.mutable import Categorical, CategoricalMultiple
 # NNI's public strategy package must be imported before its one-shot internals, or its own import of them fails
 # half-way (a circular import) and ``nni.nas.strategy.DARTS`` becomes a placeholder.
 from nni.nas.strategy import DARTS  # isort: skip
@@ -20,13 +21,18 @@ from nni.nas.nn.pytorch import InputChoice, LayerChoice
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from nni.nas.oneshot.pytorch.strategy import no_default_hook
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
-from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedRepeat
+from nni.nas.oneshot.pytorch.supermodule.differentiable import (DifferentiableMixedInput, DifferentiableMixedRepeat,
+                                                                MixedOpDifferentiablePolicy)
+from nni.nas.oneshot.pytorch.supermodule.operation import NATIVE_MIXED_OPERATIONS
 
 from search_spaces.cell import DartsCell, edge_label, input_label
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
+from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_cell_nodes, note_fallback,
+                         suppress_supernet_modules)
 
-__all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of', 'first_per_label']
+__all__ = ['MixedEdge', 'MixedNode', 'MixedInput', 'VariantLightningModule', 'DartsVariant', 'loss_of',
+           'first_per_label']
 
 _logger = logging.getLogger(__name__)
 
@@ -158,6 +164,11 @@ class MixedNode(InputChoice, BaseSuperNetModule):
         super().__init__(n_candidates, n_chosen, reduction='sum', label=label)
         self._memo_alpha = alpha
         self.config = config
+        if alpha is not None and all(p is not alpha for p in self.arch_parameters()):
+            # NNI's alpha for a choice this node does not weight by (a plain sum) is no parameter of the node: it
+            # stays out of the weight optimizer and the second-order virtual step (which would decay it)
+            del self._parameters['_memo_alpha']
+            object.__setattr__(self, '_memo_alpha', alpha)
 
     def input_weights(self) -> torch.Tensor | None:
         """Weights of the incoming edges in the forward pass; ``None`` for a plain sum."""
@@ -192,11 +203,37 @@ class MixedNode(InputChoice, BaseSuperNetModule):
 
     @classmethod
     def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
-        if type(module) is InputChoice:
+        if type(module) is InputChoice and is_cell_node(module):
             if module.reduction != 'sum':
                 raise TypeError(f'InputChoice {module.label}: only reduction="sum" is supported, got '
                                 f'{module.reduction!r}')
             return cls.from_input_choice(module, memo.get(module.label), mutate_kwargs)
+        return None
+
+
+class MixedInput(DifferentiableMixedInput):
+    """DARTS on a free ``InputChoice`` (one outside a cell): ``sum_j softmax(alpha)_j * x_j``, top ``n_chosen`` kept.
+
+    NNI's ``DifferentiableMixedInput`` (``reduction`` ``'sum'`` or ``'mean'``; ``n_chosen=None`` is read as 1). Unlike
+    a cell node, whose incoming edges are mixed operations summed as they are, a free input choice is a real choice,
+    so its inputs are weighted. Variants with their own input maths subclass it (GDAS, ProxylessNAS, PARSEC).
+    """
+
+    @classmethod
+    def from_input_choice(cls, module: InputChoice, alpha: nn.Parameter,
+                          mutate_kwargs: dict[str, Any]) -> 'MixedInput':
+        return cls(module.n_candidates, module.n_chosen, alpha, mutate_kwargs.get('softmax', nn.Softmax(-1)),
+                   module.label)
+
+    @classmethod
+    def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+        if type(module) is InputChoice and not is_cell_node(module):
+            if module.reduction not in ('sum', 'mean'):
+                raise TypeError(f'InputChoice {module.label}: reduction={module.reduction!r} cannot be relaxed; use '
+                                'reduction="sum" or "mean"')
+            if module.label not in memo:
+                raise KeyError(f'InputChoice {module.label} has no architecture parameter in the memo')
+            return cls.from_input_choice(module, memo[module.label], mutate_kwargs)
         return None
 
 
@@ -336,12 +373,31 @@ class VariantLightningModule(DartsLightningModule):
         self.resample()
         arc_optim.zero_grad()
         loss = self.compute_arch_gradients(trn_batch, val_batch, batch_idx)
-        if self.strategy.arc_gradient_clip_val:
-            nn.utils.clip_grad_norm_(self.arch_parameters(), self.strategy.arc_gradient_clip_val)
+        if self.strategy.arc_gradient_clip_val:  # the gradients are still multiplied by the loss scale here
+            nn.utils.clip_grad_norm_(self.arch_parameters(), self.strategy.arc_gradient_clip_val * self.loss_scale())
         self.before_architecture_update()
         arc_optim.step()
         self.after_architecture_update()
         self.log('arch_loss', loss.detach())
+
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The trainer's fp16 loss scaler (``None`` without one): ``manual_backward`` multiplies the loss by its
+        scale and the optimizer step divides the gradients by it, so gradients set by hand must carry it too."""
+        try:
+            scaler = getattr(self.trainer.precision_plugin, 'scaler', None)  # Lightning 2.x MixedPrecision
+        except RuntimeError:  # not attached to a trainer
+            return None
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def loss_scale(self) -> float:
+        """The current scale of :meth:`loss_scaler` (1 without one)."""
+        scaler = self.loss_scaler()
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the loss scale, for gradients taken by hand (``autograd.grad``)."""
+        scaler = self.loss_scaler()
+        return scaler.scale(loss) if scaler is not None else loss
 
     def before_architecture_update(self) -> None:
         """Called after the architecture gradients are ready, before the optimizer step."""
@@ -432,9 +488,9 @@ class VariantLightningModule(DartsLightningModule):
         """Per-epoch schedule hook (temperatures, dropout rates, stages). Warm-up is handled by the base."""
 
     # ----- discretization -----
-    def darts_cells(self) -> dict[str, DartsCell]:
-        """One cell per type (cells of a type share their choices)."""
-        return first_per_label(self.training_module.modules(), DartsCell)
+    def darts_cells(self) -> dict[str, DartsCell | MixedCell]:
+        """One cell per type (cells of a type share their choices): our DARTS cells and NNI cells."""
+        return first_per_label(self.training_module.modules(), (DartsCell, MixedCell))
 
     def cell_edges(self) -> Iterator[tuple[int, int, MixedEdge]]:
         """``(node, j, edge)`` for every edge of one cell per type (see :meth:`DartsCell.iter_edges`)."""
@@ -447,14 +503,17 @@ class VariantLightningModule(DartsLightningModule):
                 for node, j, edge in cell.iter_edges()}
 
     def discretize(self, weights: dict[tuple[int, int], dict[str, float]],
-                   cell: DartsCell | None = None) -> dict[int, list[tuple[str, int]]]:
-        """Genotype rule: ``{node: [(op, j), (op, j)]}`` from the edge weights of ``cell`` (default: the DARTS
-        rule, whatever the cell)."""
-        return darts_rule(weights)
+                   cell: DartsCell | MixedCell | None = None, per_node: int = 2) -> dict[int, list[tuple[str, int]]]:
+        """Genotype rule: ``{node: [(op, j), ...]}``, ``per_node`` inputs per node, from the edge weights of ``cell``
+        (default: the DARTS rule, whatever the cell)."""
+        return darts_rule(weights, per_node=per_node)
 
-    def export_cell(self, cell: DartsCell) -> dict[str, Any]:
-        """NNI sample entries of one cell type: the two chosen inputs per node and an operation for every edge."""
+    def export_cell(self, cell: DartsCell | MixedCell) -> dict[str, Any]:
+        """NNI sample entries of one cell type: the chosen inputs per node and an operation for every edge
+        (a :class:`~.nni_spaces.MixedCell` writes NNI's own ``op_{i}_{k}`` / ``input_{i}_{k}`` labels)."""
         weights = self.edge_weights(cell)
+        if isinstance(cell, MixedCell):
+            return cell.sample(self.discretize(weights, cell, per_node=cell.num_ops_per_node))
         nodes = self.discretize(weights, cell)
         sample: dict[str, Any] = {}
         for node, pairs in nodes.items():
@@ -471,13 +530,19 @@ class VariantLightningModule(DartsLightningModule):
         sample: dict[str, Any] = {}
         for cell in self.darts_cells().values():
             sample.update(self.export_cell(cell))
-        for module in self.supernet_modules():
+        for module in self.free_supernet_modules():
             sample.update(module.export(memo=sample))
         return sample
 
+    def free_supernet_modules(self) -> Iterator[BaseSuperNetModule]:
+        """Supermodules that export themselves (not the edges and nodes inside an NNI cell's supernet)."""
+        owned = {id(m) for cell in self.training_module.modules() if isinstance(cell, MixedCell)
+                 for m in cell.modules() if m is not cell}
+        return (m for m in self.supernet_modules() if id(m) not in owned)
+
     def export_genotype(self) -> Genotype | None:
         """The exported architecture as a :class:`~nni_darts_variants.genotype.Genotype` (``None`` without cells)."""
-        cells = self.darts_cells()
+        cells = {label: c for label, c in self.darts_cells().items() if isinstance(c, DartsCell)}
         if set(cells) != set(CELL_TYPES):
             return None
         return Genotype.from_sample(self.export(), num_nodes=cells['normal'].num_nodes)
@@ -560,6 +625,14 @@ class DartsVariant(DARTS):
     description: ClassVar[str] = ''
     edge_class: ClassVar[type[MixedEdge]] = MixedEdge
     node_class: ClassVar[type[MixedNode]] = MixedNode
+    #: Supermodule of a free ``InputChoice`` (one outside a cell).
+    input_class: ClassVar[type[MixedInput]] = MixedInput
+    #: NNI's sampling policy for the value choices of mutable modules (``MutableConv2d`` ...); ``None``: the variant
+    #: refuses them at mutation.
+    mixed_op_policy: ClassVar[type | None] = MixedOpDifferentiablePolicy
+    #: Labels where the variant's own mathematics has no meaning and plain DARTS is used instead, per construct
+    #: (``'value choice'``, ``'repeat depth'``): listed in one warning after mutation.
+    darts_fallback_for: ClassVar[tuple[str, ...]] = ()
     module_class: ClassVar[type[VariantLightningModule]] = VariantLightningModule
 
     def __init__(self, *, arc_learning_rate: float = 3e-4, arc_betas: Sequence[float] = (0.5, 0.999),
@@ -588,14 +661,6 @@ class DartsVariant(DARTS):
         if hardware_cost is not None:
             self.penalty = hardware_cost
         self._cost_space: nn.Module | None = None
-
-    def mutate_model(self, model: Any) -> Any:
-        """NNI's mutation; with a hardware cost, a copy of the unmutated space is kept first for its cost table
-        (and a table built on an earlier space is dropped: P-DARTS mutates a new space per stage)."""
-        if isinstance(self.penalty, HardwareCost):
-            self._cost_space = copy.deepcopy(model)
-            self.penalty.forget_table()
-        return super().mutate_model(model)
 
     def cost_space(self) -> nn.Module:
         """The unmutated copy of the model space the hardware cost's table is built from."""
@@ -654,13 +719,64 @@ class DartsVariant(DARTS):
         return {**defaults, **strategy_args}
 
     def default_mutation_hooks(self) -> list:
-        return [self.edge_class.mutate, self.node_class.mutate, DifferentiableMixedRepeat.mutate, no_default_hook]
+        """Our cells' nodes are tagged, NNI cells become :class:`~.nni_spaces.MixedCell` of the variant's edges and
+        nodes, then choices, free inputs, repeats and mutable modules get their supermodules; anything left over is
+        refused with its construct named."""
+        hooks = [suppress_supernet_modules, mark_cell_nodes, MixedCell.hook(self.edge_class, self.node_class),
+                 self.edge_class.mutate, self.node_class.mutate, self.input_class.mutate,
+                 self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
+        if self.mixed_op_policy is not None:
+            hooks += [self._fallback_hook('value choice', op.mutate) for op in NATIVE_MIXED_OPERATIONS]
+        return hooks + [self.refuse_dangling, no_default_hook]
+
+    def _fallback_hook(self, construct: str, hook: Any) -> Any:
+        """``hook``, recording the labels it relaxes when this variant falls back to DARTS for ``construct``."""
+        if construct not in self.darts_fallback_for:
+            return hook
+
+        def noted(module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+            result = hook(module, name, memo, mutate_kwargs)
+            if result is not None and result is not False:
+                for label in getattr(module, 'depth_choice', module).simplify():
+                    note_fallback(mutate_kwargs, f'{construct} (relaxed as DARTS)', label)
+            return result
+        return noted
+
+    def refuse_dangling(self, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]
+                        ) -> None:
+        """A mutation hook: a mutable module no hook has replaced is refused, naming it and what to do."""
+        if dangling(module):
+            labels = ', '.join(sorted(module.simplify()))
+            raise TypeError(f'{self.name or type(self).__name__} cannot search `{name}` ({type(module).__name__}, '
+                            f'choices {labels}): its algorithm has no notion of value choices in mutable modules; fix '
+                            'those values, or search this space with darts, pcdarts, gdas, mergenas or dropnas')
+
+    def mutate_model(self, model: Any) -> Any:
+        """NNI's mutation (after keeping an unmutated copy for a hardware cost's table), then one warning per construct
+        listing the labels searched by plain DARTS."""
+        for label, mutable in model.simplify().items():
+            if not isinstance(mutable, (Categorical, CategoricalMultiple)):
+                raise TypeError(f'{type(model).__name__}: {label} is a {type(mutable).__name__}, not a categorical '
+                                'choice; one-shot strategies (ours and NNI\'s DARTS) cannot relax it. Search this space '
+                                'with a multi-trial strategy such as nni.nas.strategy.RegularizedEvolution')
+        # With a hardware cost, a copy of the unmutated space is kept first for its cost table (and a table built on
+        # an earlier space is dropped: P-DARTS mutates a new space per stage).
+        if isinstance(self.penalty, HardwareCost):
+            self._cost_space = copy.deepcopy(model)
+            self.penalty.forget_table()
+        self._fallbacks: dict[str, list[str]] = {}
+        model = super().mutate_model(model)
+        for reason, labels in self._fallbacks.items():
+            _logger.warning('%s: %s falls back to plain DARTS on %d choice(s): %s', self.name, reason, len(labels),
+                            ', '.join(labels))
+        return model
 
     def run_hook(self, hook: Any, name: str, module: nn.Module, memo: dict[str, Any]) -> Any:
-        """NNI's DARTS ``run_hook`` (it puts the alphas in the memo), with :meth:`mutate_kwargs` added to the
-        keyword arguments the supermodules receive."""
+        """NNI's DARTS ``run_hook`` (it puts the alphas in the memo), with the variant's mixed-operation policy,
+        :meth:`mutate_kwargs` and the fallback record added to the keyword arguments the supermodules receive."""
         def with_variant_kwargs(module: nn.Module, name: str, memo: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-            return hook(module, name, memo, {**kwargs, **self.mutate_kwargs()})
+            return hook(module, name, memo, {**kwargs, 'mixed_op_sampling': self.mixed_op_policy,
+                                             **self.mutate_kwargs(), FALLBACKS_KEY: getattr(self, '_fallbacks', {})})
         return super().run_hook(with_variant_kwargs, name, module, memo)
 
     def configure_oneshot_module(self, training_module: Any) -> VariantLightningModule:

@@ -265,6 +265,7 @@ class DropNAS(DartsVariant):
     """
 
     edge_class = DropEdge
+    darts_fallback_for = ('value choice',)
     module_class = DropNASLightning
 
     def __init__(self, *, drop_rate: float = 3e-5, weight_decay: float = 3e-4, alpha_decay: float = 1e-3,

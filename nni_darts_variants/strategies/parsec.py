@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from search_spaces.cell import DartsCell, edge_label, input_label
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, first_per_label, loss_of
+from .nni_spaces import MixedCell
 
-__all__ = ['Parsec', 'ParsecEdge', 'ParsecNode', 'ParsecLightning', 'importance_weights', 'sample_architecture',
+__all__ = ['Parsec', 'ParsecEdge', 'ParsecNode', 'ParsecInput', 'ParsecLightning', 'importance_weights', 'sample_architecture',
            'log_prior', 'importance_weighted_backward']
 
 
@@ -162,6 +163,33 @@ class ParsecNode(MixedNode):
         yield self.alpha
 
 
+class ParsecInput(ParsecNode):
+    """PARSEC on a free ``InputChoice``: the same prior over ``n_chosen`` inputs; the child reduces only the chosen
+    ones (``sum``, ``mean`` or ``concat``, as the choice says)."""
+
+    @classmethod
+    def from_input_choice(cls, module: Any, alpha: nn.Parameter | None, mutate_kwargs: dict[str, Any]) -> 'ParsecInput':
+        node = cls(module.n_candidates, module.n_chosen or 1, module.label, alpha)
+        node.reduction = module.reduction
+        return node
+
+    @classmethod
+    def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+        from nni.nas.nn.pytorch import InputChoice
+        from .nni_spaces import is_cell_node
+        if type(module) is InputChoice and not is_cell_node(module):
+            return cls.from_input_choice(module, memo.get(module.label), mutate_kwargs)
+        return None
+
+    def forward(self, inputs: list[torch.Tensor | None]) -> torch.Tensor:
+        if self.chosen is None:
+            self.resample({})
+        chosen = [inputs[j] for j in sorted(self.chosen)]
+        if self.reduction == 'concat':
+            return torch.cat(chosen, 1)
+        return sum(chosen) / len(chosen) if self.reduction == 'mean' else sum(chosen)
+
+
 def sample_architecture(model: nn.Module) -> dict[str, Any]:
     """Draw a child ``a ~ p(a | pi)`` (one draw per label, shared by cells of a type) and switch off, in every
     :class:`DartsCell`, the edges whose input was not chosen."""
@@ -170,11 +198,13 @@ def sample_architecture(model: nn.Module) -> dict[str, Any]:
         if isinstance(module, (ParsecEdge, ParsecNode)):
             sample.update(module.resample(memo=sample))
     for cell in model.modules():
-        if isinstance(cell, DartsCell):
-            for node, j, edge in cell.iter_edges():
-                chosen = sample.get(input_label(cell.label, node))
-                if isinstance(edge, ParsecEdge) and chosen is not None:
-                    edge.enabled = j in chosen
+        if isinstance(cell, (DartsCell, MixedCell)):
+            for node in cell.node_indices:
+                chosen = sample.get(cell.inputs[str(node)].label)
+                for j in range(node):
+                    edge = cell.edge(node, j)
+                    if isinstance(edge, ParsecEdge) and chosen is not None:
+                        edge.enabled = j in chosen
     return sample
 
 
@@ -231,6 +261,9 @@ class ParsecLightning(VariantLightningModule):
 
     def export_cell(self, cell: DartsCell) -> dict[str, Any]:
         """The mode of the prior: top-``n_chosen`` input logits per node, argmax op logit (not ``none``) per edge."""
+        if isinstance(cell, MixedCell):
+            return cell.sample({node: [(cell.edge(node, j).mode(), j) for j in cell.inputs[str(node)].mode()]
+                                for node in cell.node_indices})
         sample: dict[str, Any] = {}
         for node, j, edge in cell.iter_edges():
             sample.setdefault(input_label(cell.label, node), cell.inputs[str(node)].mode())
@@ -274,6 +307,9 @@ class Parsec(DartsVariant):
 
     edge_class: ClassVar[type[MixedEdge]] = ParsecEdge
     node_class: ClassVar[type[MixedNode]] = ParsecNode
+    input_class = ParsecInput
+    mixed_op_policy = None
+    darts_fallback_for = ('repeat depth',)
     module_class = ParsecLightning
 
     def __init__(self, *, num_samples: int = 4, sample_none: bool = False, **kwargs: Any):

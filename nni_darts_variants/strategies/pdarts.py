@@ -267,6 +267,11 @@ class PDarts(DartsVariant):
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
 
+    def mutate_model(self, model: Any) -> Any:
+        """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations."""
+        space_blueprint(model)
+        return super().mutate_model(model)
+
     def schedule_epochs(self, max_epochs: int) -> int:
         """Each stage restarts the weight schedule (fresh optimizers), over one stage's epochs, as the official code."""
         return self.epochs_per_stage
