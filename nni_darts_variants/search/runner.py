@@ -81,8 +81,8 @@ def _space_factory(cfg: dict[str, Any], data: SearchData) -> Callable[[], Any]:
 
 
 def _schedule_epochs(strategy: Any, max_epochs: int) -> int:
-    hook = getattr(strategy, 'schedule_epochs', None)
-    return hook(max_epochs) if callable(hook) else max_epochs
+    from ..strategies.base import DartsVariant  # a strategy registered from outside may be a plain NNI one
+    return strategy.schedule_epochs(max_epochs) if isinstance(strategy, DartsVariant) else max_epochs
 
 
 def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, monitor: SearchMonitor,
