@@ -3,7 +3,7 @@ same algorithm, measured in ONE process with interleaved repeats (after, before,
 that the load of other jobs hits all of them alike.
 
 Usage: python benchmarks/interleaved_steps.py --strategies darts pcdarts gdas proxyless --batch-size 16 --repeats 3
-       [--channels-last-too]
+       [--channels-last-rows darts]
 
 "before" is the same strategy with ``VariantLightningModule.skip_unread_gradients = False`` and the mixed edges'
 ``zero_names`` emptied (``none`` computed, weighted and summed): the code before the speed work (the layout of the
@@ -43,6 +43,14 @@ def unoptimised():
         bench.build_row_module = build
 
 
+def _print_medians(row: str, label: str, med: dict[str, float]) -> None:
+    pairs = [('after', 'before'), ('after', 'nni'), ('before', 'nni'), ('after+channels_last', 'nni'),
+             ('after+channels_last', 'before'), ('nni+channels_last', 'nni')]
+    ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in pairs if k in med and b in med)
+    print(f'{row} ({label}): ' + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in med.items()) + f' | {ratios}',
+          flush=True)
+
+
 def main(argv=None) -> int:
     from nni_darts_variants import bench
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument('--steps', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--channels-last-too', action='store_true', help='also ours and NNI\'s in channels_last')
+    parser.add_argument('--channels-last-rows', nargs='*', default=[], metavar='ROW',
+                        help='rows also measured in channels_last (ours and NNI\'s)')
     parser.add_argument('--output', help='JSON of every measurement')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -62,11 +71,12 @@ def main(argv=None) -> int:
         variants = {'after': (row, cfg, False), 'before': (row, cfg, True)}
         if nni_row:
             variants['nni'] = (nni_row, cfg, False)
-        if args.channels_last_too:
+        if row in args.channels_last_rows:
             variants['after+channels_last'] = (row, replace(cfg, channels_last=True), False)
             if nni_row:
                 variants['nni+channels_last'] = (nni_row, replace(cfg, channels_last=True), False)
         times = {k: [] for k in variants}
+        cpu = {k: [] for k in variants}
         for _ in range(args.repeats):
             for key, (name, c, before) in variants.items():
                 with unoptimised() if before else contextlib.nullcontext():
@@ -74,13 +84,12 @@ def main(argv=None) -> int:
                 if out['error']:
                     raise RuntimeError(f'{key}: {out["error"]}')
                 times[key].append(out['step_seconds'])
-                print(f'  {row} {key}: {1e3 * out["step_seconds"]:.0f} ms', file=sys.stderr, flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        results[row] = {'seconds': times, 'median': med}
-        ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in
-                           [('after', 'before'), ('after', 'nni'), ('after+channels_last', 'nni'),
-                            ('after+channels_last', 'before'), ('nni+channels_last', 'nni')] if k in med and b in med)
-        print(f'{row}: ' + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in med.items()) + f' | {ratios}', flush=True)
+                cpu[key].append(out['step_cpu_seconds'])
+                print(f'  {row} {key}: {1e3 * out["step_seconds"]:.0f} ms wall, {1e3 * out["step_cpu_seconds"]:.0f} ms '
+                      'CPU', file=sys.stderr, flush=True)
+        results[row] = {'seconds': times, 'cpu_seconds': cpu}
+        for label, series in (('wall', times), ('CPU', cpu)):
+            _print_medians(row, label, {k: statistics.median(v) for k, v in series.items()})
     if args.output:
         with open(args.output, 'w') as f:
             json.dump({'batch_size': args.batch_size, 'repeats': args.repeats, 'results': results}, f, indent=1)

@@ -27,8 +27,9 @@ def _stub_cuda() -> None:
     nn.Module.cuda = lambda self, *args, **kwargs: self
 
 
-def official_step_seconds(cnn_dir: str, batch_size: int, warmup: int, steps: int, seed: int = 0) -> list[float]:
-    """Seconds of each timed first-order step of the official code."""
+def official_step_seconds(cnn_dir: str, batch_size: int, warmup: int, steps: int, seed: int = 0
+                          ) -> tuple[list[float], list[float]]:
+    """Wall and main-thread CPU seconds of each timed first-order step of the official code."""
     _stub_cuda()
     sys.path.insert(0, str(Path(cnn_dir).resolve()))
     from architect import Architect
@@ -43,9 +44,9 @@ def official_step_seconds(cnn_dir: str, batch_size: int, warmup: int, steps: int
     x, xs = (torch.randn(batch_size, 3, 32, 32, generator=g) for _ in range(2))
     y, ys = (torch.randint(0, 10, (batch_size,), generator=g) for _ in range(2))
     model.train()
-    seconds = []
+    seconds, cpu_seconds = [], []
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         architect.step(x, y, xs, ys, 0.025, optimizer, unrolled=False)
         optimizer.zero_grad()
         loss = criterion(model(x), y)
@@ -54,7 +55,8 @@ def official_step_seconds(cnn_dir: str, batch_size: int, warmup: int, steps: int
         optimizer.step()
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
-    return seconds
+            cpu_seconds.append(time.thread_time() - cpu_start)
+    return seconds, cpu_seconds
 
 
 def main(argv=None) -> int:
@@ -68,9 +70,10 @@ def main(argv=None) -> int:
     parser.add_argument('--with-ours', action='store_true', help="interleave our darts bench row (same batch)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    theirs, ours = [], []
+    theirs, ours, theirs_cpu, ours_cpu = [], [], [], []
     for _ in range(args.repeats):
-        theirs += official_step_seconds(args.cnn_dir, args.batch_size, args.warmup, args.steps)
+        wall, cpu = official_step_seconds(args.cnn_dir, args.batch_size, args.warmup, args.steps)
+        theirs, theirs_cpu = theirs + wall, theirs_cpu + cpu
         print(f'official: {1e3 * statistics.median(theirs):.0f} ms', file=sys.stderr, flush=True)
         if args.with_ours:
             from nni_darts_variants import bench
@@ -78,11 +81,14 @@ def main(argv=None) -> int:
                                     prime=False).check()
             row = bench.measure_row('darts', cfg)
             ours += row['step_seconds_all']
+            ours_cpu.append(row['step_cpu_seconds'])
             print(f'ours: {1e3 * statistics.median(ours):.0f} ms', file=sys.stderr, flush=True)
-    line = f'official DARTS first-order step: {1e3 * statistics.median(theirs):.0f} ms (median of {len(theirs)})'
+    line = (f'official DARTS first-order step: {1e3 * statistics.median(theirs):.0f} ms wall, '
+            f'{1e3 * statistics.median(theirs_cpu):.0f} ms CPU (median of {len(theirs)})')
     if ours:
-        line += (f'; ours: {1e3 * statistics.median(ours):.0f} ms; ours/official '
-                 f'{statistics.median(ours) / statistics.median(theirs):.2f}')
+        line += (f'; ours: {1e3 * statistics.median(ours):.0f} ms wall, {1e3 * statistics.median(ours_cpu):.0f} ms '
+                 f'CPU; ours/official {statistics.median(ours) / statistics.median(theirs):.2f} wall, '
+                 f'{statistics.median(ours_cpu) / statistics.median(theirs_cpu):.2f} CPU')
     print(line + f'; batch {args.batch_size}, CPU, {args.threads} thread(s)')
     return 0
 

@@ -1,6 +1,7 @@
 """Datasets for searching: the embedded digits, CIFAR-10, any ImageFolder tree, and synthetic data.
 
-Every dataset yields a training set (split 50/50 into the weight half and the architecture half, as in DARTS) and a
+An unreadable image in an ImageFolder tree stops the search with a :class:`DataError` naming the file
+(:func:`load_image`). Every dataset yields a training set (split 50/50 into the weight half and the architecture half, as in DARTS) and a
 held-out test set. Nothing is downloaded unless ``download=True``; a missing dataset is a :class:`DataError` naming
 the path and the fix.
 """
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = ['DataError', 'SearchData', 'build_search_data', 'DATASETS', 'split_indices', 'class_balanced_subsets',
-           'SUBSETS', 'DecodedImages', 'decoded_in_memory']
+           'SUBSETS', 'DecodedImages', 'decoded_in_memory', 'load_image']
 
 _logger = logging.getLogger(__name__)
 
@@ -141,6 +142,18 @@ def _cifar10(root: str | None, download: bool, image_size: int | None, seed: int
     return train, test, 3, 10
 
 
+def load_image(path: str) -> Any:
+    """An ImageFolder image as RGB; a corrupt or truncated file is a :class:`DataError` naming it (not skipped: a
+    silently smaller dataset would change the search, and the user can fix the file and resume)."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')  # convert() decodes the whole image: truncation shows here
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for unreadable, truncated or corrupt files
+        raise DataError(f'cannot read the image {path} ({err}); replace or remove the file, then resume the search '
+                        '(--resume RUN_DIR)') from None
+
+
 def _imagefolder(root: str | None, download: bool, image_size: int | None, seed: int, imagenet: bool = False):
     from torchvision.datasets import ImageFolder
     if not root:
@@ -153,8 +166,9 @@ def _imagefolder(root: str | None, download: bool, image_size: int | None, seed:
     test_dir = next((base / d for d in ('test', 'val') if (base / d).is_dir()), None)
     size = image_size or (224 if imagenet else 32)
     try:
-        train = ImageFolder(str(train_dir), transform=_transforms(size, True, imagenet))
-        test = ImageFolder(str(test_dir), transform=_transforms(size, False, imagenet)) if test_dir else None
+        train = ImageFolder(str(train_dir), transform=_transforms(size, True, imagenet), loader=load_image)
+        test = ImageFolder(str(test_dir), transform=_transforms(size, False, imagenet),
+                           loader=load_image) if test_dir else None
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f'{train_dir} holds no images in class folders ({str(err).splitlines()[0]}); '
                         'an ImageFolder tree is root/train/<class>/<image>') from None

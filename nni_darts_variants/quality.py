@@ -242,7 +242,8 @@ def run_one(row: str, seed: int, settings: dict[str, Any], loaders: tuple[Any, A
     epochs = settings['epochs_rows'].get(row) or settings['epochs'].get(QUALITY_ROWS[row][1]) or \
         settings['train']['max_epochs']
     t = settings['train']
-    schedule_epochs = strategy.schedule_epochs(epochs) if hasattr(strategy, 'schedule_epochs') else epochs
+    from .strategies.base import DartsVariant  # NNI's built-in rows have no schedule hook
+    schedule_epochs = strategy.schedule_epochs(epochs) if isinstance(strategy, DartsVariant) else epochs
     # DropNAS applies its own partial weight decay; the evaluator's optimizer must not decay again.
     weight_decay = 0.0 if QUALITY_ROWS[row][1] == 'dropnas' else t['weight_decay']
     module = SearchClassification(learning_rate=t['learning_rate'], learning_rate_min=t['learning_rate_min'],

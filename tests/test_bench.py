@@ -102,6 +102,7 @@ def test_tiny_bench_returns_every_field_for_ours_and_nni(tiny_report):
             assert row[f'{figure}_vs_darts'] is not None and row[f'{figure}_vs_nni'] is not None
     assert rows['nni-darts']['source'] == 'nni' and rows['darts']['source'] == 'ours'
     assert all(row['arch_params'] > 0 for row in rows.values())
+    assert all(0 < row['step_cpu_seconds'] and 0 < row['first_step_seconds'] for row in rows.values())
 
 
 def test_ratios_to_the_reference_rows_are_one(tiny_report):

@@ -63,7 +63,7 @@ def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:
     try:
         strategy = check_strategy_arguments(name, args)(**args)
         if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
-            strategy.check_trainer(max_epochs)
+            strategy.check_trainer(max_epochs, **args)
     except (TypeError, ValueError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f'strategy.args: {message}') from None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..config import ConfigError
 from ..data import SearchData, build_search_data
@@ -22,7 +24,7 @@ from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
 from .checkpoints import LAST, AtomicCheckpointIO, choose_checkpoint
-from .interrupt import GracefulStop
+from .interrupt import GracefulStop, SearchInterrupted
 from .rundir import RunLock, prepare_run_dir, run_dir_of, write_config, write_json
 
 __all__ = ['SearchResult', 'run_search']
@@ -79,19 +81,19 @@ def _space_factory(cfg: dict[str, Any], data: SearchData) -> Callable[[], Any]:
 
 
 def _schedule_epochs(strategy: Any, max_epochs: int) -> int:
-    hook = getattr(strategy, 'schedule_epochs', None)
-    return hook(max_epochs) if callable(hook) else max_epochs
+    from ..strategies.base import DartsVariant  # a strategy registered from outside may be a plain NNI one
+    return strategy.schedule_epochs(max_epochs) if isinstance(strategy, DartsVariant) else max_epochs
 
 
 def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, monitor: SearchMonitor,
-                      extra: list | None) -> list:
+                      stop: GracefulStop, extra: list | None) -> list:
     checkpoint_dir = run_dir / 'checkpoints'
     # Only last.ckpt (and previous.ckpt, kept by AtomicCheckpointIO), written at the end of every epoch.
     checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), filename=LAST[:-len('.ckpt')],
                                                  enable_version_counter=False, save_top_k=1, every_n_epochs=1,
                                                  save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
-            GracefulStop(run_dir), checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
+            stop, checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
             *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
@@ -217,12 +219,22 @@ def _search(cfg: dict[str, Any], run_dir: Path, data: SearchData, space_factory:
             strategy: Any, listeners: list | None, callbacks: list | None, ckpt_path: str | None) -> SearchResult:
     if is_global_zero():
         (run_dir / 'result.json').unlink(missing_ok=True)
+        for leftover in [*run_dir.glob('.*.tmp'), *run_dir.glob('checkpoints/.*.tmp')]:  # a killed writer's
+            leftover.unlink(missing_ok=True)
     write_config(run_dir, cfg)
     monitor = SearchMonitor(run_dir, data.val, cfg['train']['eval_batches'], listeners)
     if ckpt_path is not None and (run_dir / 'alpha_history.json').exists():
         monitor.history = json.loads((run_dir / 'alpha_history.json').read_text())
-    sample, search_seconds = _train(cfg, data, run_dir, space, strategy,
-                                    _search_callbacks(cfg, data, run_dir, monitor, callbacks), ckpt_path)
+    stop = GracefulStop(run_dir)
+    stop.install()
+    try:
+        sample, search_seconds = _train(cfg, data, run_dir, space, strategy,
+                                        _search_callbacks(cfg, data, run_dir, monitor, stop, callbacks), ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (at an epoch end, after that epoch's checkpoint)
+        last = run_dir / 'checkpoints' / LAST
+        raise SearchInterrupted(signal.SIGTERM, run_dir, last if last.exists() else None) from None
+    finally:
+        stop.restore()
     genotype = strategy.export_genotype() if hasattr(strategy, 'export_genotype') else None
     if not is_global_zero():  # another DDP rank: the same architecture (checked each epoch); rank 0 writes files
         return SearchResult(run_dir, genotype, sample, {'search_seconds': round(search_seconds, 2)})

@@ -18,21 +18,29 @@ what the strategies need to search them with their own mathematics:
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
-import torch.nn as nn
 from nni.mutable import Categorical, CategoricalMultiple, Mutable
 from nni.mutable.utils import label as hierarchical_label
 from nni.nas.nn.pytorch import Cell, InputChoice, LayerChoice, MutableModule
 from nni.nas.nn.pytorch.cell import create_cell_op_candidates, preprocess_cell_inputs
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
+from torch import nn
 
 from search_spaces.cell import EdgeSpec
 from search_spaces.ops import PRIMITIVES
 
-__all__ = ['MixedCell', 'Zero', 'probe_edge', 'partial_candidates', 'darts_edge_spec', 'note_fallback',
-           'FALLBACKS_KEY']
+__all__ = [
+    'FALLBACKS_KEY',
+    'MixedCell',
+    'Zero',
+    'darts_edge_spec',
+    'note_fallback',
+    'partial_candidates',
+    'probe_edge',
+]
 
 #: Key of ``mutate_kwargs`` under which the strategy collects ``{reason: [labels]}`` of partial fallbacks.
 FALLBACKS_KEY = 'fallbacks'
@@ -77,7 +85,7 @@ def _run_eval(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     module.eval()
     try:
         out = module(x)
-    except Exception:  # a candidate that cannot take this input: the probe says "not channel-keeping"
+    except (RuntimeError, ValueError, TypeError):  # a candidate that cannot take this input: not channel-keeping
         out = None
     finally:
         module.train(was_training)
@@ -96,7 +104,7 @@ def probe_edge(candidates: dict[str, nn.Module]) -> tuple[int, int] | None:
         return None
     x = torch.zeros(2, channels, _PROBE_SIZE, _PROBE_SIZE)
     shapes = set()
-    for name, candidate in candidates.items():
+    for candidate in candidates.values():
         if isinstance(candidate, Zero):
             continue
         out = _run_eval(candidate, x)
@@ -282,6 +290,12 @@ class MixedCell(BaseSuperNetModule):
     def edge(self, node: int, j: int) -> nn.Module:
         return self.edges[f'{node}_{j}']
 
+    def iter_edges(self) -> Iterator[tuple[int, int, nn.Module]]:
+        """``(node, j, module)`` of every edge, node by node and input by input (as ``DartsCell.iter_edges``)."""
+        for node in self.node_indices:
+            for j in range(node):
+                yield node, j, self.edge(node, j)
+
     def forward(self, *inputs: Any) -> Any:
         processed = preprocess_cell_inputs(self.num_predecessors, *inputs)
         states = list(self.preprocessor(processed))
@@ -348,7 +362,6 @@ def mark_cell_nodes(module: nn.Module, name: str, memo: dict[str, Any], mutate_k
         for choice in module.inputs.values():
             if isinstance(choice, InputChoice):
                 choice.darts_node = True
-    return None
 
 
 def suppress_supernet_modules(module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule
+from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label
 
 __all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessInput', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
            'GRAD_BINARY_MODES', 'ZERO_OPS']
@@ -163,11 +163,7 @@ class ProxylessInput(MixedInput):
 
 def unique_edges(modules: Iterable[nn.Module]) -> list[ProxylessEdge]:
     """One :class:`ProxylessEdge` per label (all modules of a label share alpha and sample)."""
-    edges: dict[str, ProxylessEdge] = {}
-    for module in modules:
-        if isinstance(module, ProxylessEdge):
-            edges.setdefault(module.label, module)
-    return list(edges.values())
+    return list(first_per_label(modules, ProxylessEdge).values())
 
 
 def prepare_arch_update(edges: Iterable[ProxylessEdge]) -> None:
@@ -276,8 +272,6 @@ class ProxylessNAS(DartsVariant):
         official ImageNet schedule warms up 40 of 160 epochs, which does not transfer to the 50-epoch DARTS search).
     """
 
-    name = 'proxyless'
-    description = 'ProxylessNAS (Cai et al. 2019): binarized paths, one path per weight step, two per arch step'
     edge_class: ClassVar[type[MixedEdge]] = ProxylessEdge
     input_class = ProxylessInput
     mixed_op_policy = None
@@ -301,9 +295,13 @@ class ProxylessNAS(DartsVariant):
                             arc_weight_decay)
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search where alphas move: an arch step every batch, no warm-up."""
         return {'warmup_epochs': 0, 'arch_update_every': 1}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        return {'arch_update_every': 1}
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'grad_binary_mode': self.grad_binary_mode}

@@ -373,3 +373,45 @@ def test_unused_input_choice_alphas_are_not_weights(supernet):
     assert not any('_memo_alpha' in key for key in module.training_module.state_dict())
     pc, _ = supernet.lightning(PCDarts())
     assert sum('_memo_alpha' in name for name, _ in pc.training_module.named_parameters()) == 8
+
+
+def _arch_step_gradients(module, trn, val, scaler=None):
+    """The architecture gradients as the optimizer step sees them, through the module's own ``architecture_step``;
+    with ``scaler``, as Lightning's fp16 loop drives it: ``manual_backward`` scales the loss, the step unscales."""
+    seen = []
+    opt = torch.optim.SGD(module.arch_parameters(), lr=0.0)
+    original = opt.step
+
+    def step(*args, **kwargs):
+        if scaler is not None:
+            scaler.unscale_(opt)
+        seen.append([a.grad.detach().clone() for a in module.arch_parameters()])
+        opt.step = original  # scaler.step calls optimizer.step
+        return scaler.step(opt) if scaler is not None else original(*args, **kwargs)
+
+    opt.step = step
+    module.architecture_optimizers = lambda: opt
+    module.resample = lambda: {}
+    if scaler is not None:
+        module.loss_scaler = lambda: scaler
+        module.manual_backward = lambda loss, **kwargs: scaler.scale(loss).backward(**kwargs)
+    module.architecture_step(trn, val, 0)
+    return seen[0]
+
+
+@pytest.mark.parametrize('order,clip', [(2, None), (1, 1e-3), (2, 1e-3)])
+def test_architecture_step_is_aware_of_the_loss_scaler(order, clip, supernet):
+    """With ``torch.amp.GradScaler('cpu')`` at 2**16 the gradients the architecture optimizer steps on equal the
+    unscaled fp32 ones: second-order alphas set by hand carry the scale, and the clip (P-DARTS's
+    ``arc_gradient_clip_val``) acts on the true norm."""
+    grads = []
+    for scaler in (None, torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)):
+        module, _ = supernet.lightning(Darts(order=order, arc_gradient_clip_val=clip))
+        _no_log(module)
+        _attach_optimizer(module)
+        trn, val = _batches(torch.float32)
+        grads.append(_flat(_arch_step_gradients(module, trn, val, scaler)))
+    unscaled, scaled = grads
+    if clip:
+        assert unscaled.norm() == pytest.approx(clip, rel=1e-5)
+    torch.testing.assert_close(scaled, unscaled, rtol=1e-4, atol=1e-7)
