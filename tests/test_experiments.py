@@ -25,7 +25,13 @@ OTHER_RECIPES = sorted((EXPERIMENTS / 'quickstart').glob('*.yml'))
 #: (input channels, classes) of each dataset, for the fake data.
 DATA_SHAPES = {'digits': (1, 10), 'cifar10': (3, 10), 'imagenet': (3, 1000), 'imagefolder': (3, 10),
                'synthetic': (3, 10)}
-VARIANTS = ('darts-1st', 'darts-2nd', 'pcdarts', 'gdas', 'proxyless', 'parsec', 'pdarts', 'mergenas', 'dropnas')
+def _recipe_names() -> tuple[str, ...]:
+    """One recipe per registered strategy; DARTS has two (first and second order)."""
+    from nni_darts_variants.registry import list_strategies
+    return ('darts-1st', 'darts-2nd') + tuple(sorted(name for name in list_strategies() if name != 'darts'))
+
+
+VARIANTS = _recipe_names()
 TRIAL_PREFIX = ['python3', '-m', 'nni_darts_variants.trial']
 
 
@@ -80,8 +86,7 @@ def build_search(cfg: dict, run_dir: Path):
                         **cfg['space']['args'])
     strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
     evaluator = search_evaluator(cfg, _fake_data(d['name']), run_dir, [])
-    if hasattr(strategy, 'check_max_epochs'):
-        strategy.check_max_epochs(cfg['train']['max_epochs'])
+    type(strategy).check_trainer(cfg['train']['max_epochs'], **cfg['strategy']['args'])
     supernet = strategy.mutate_model(space)
     wrapped = strategy.mutate_evaluator(evaluator)
     assert any(True for _ in supernet.parameters())
