@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logs import configure_logging
-    configure_logging(verbose=args.verbose, debug=args.debug)
+    configure_logging(verbose=args.verbose, debug=args.debug, frameworks=args.command in ('search', 'retrain'))
     if args.command is None:
         parser.print_help()
         return 2

@@ -35,8 +35,11 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.starts)
 
 
-def configure_logging(verbose: bool = False, debug: bool = False) -> None:
-    """Set up the terminal: this package's lines on stderr, NNI/Lightning quiet unless ``verbose`` (or ``debug``)."""
+def configure_logging(verbose: bool = False, debug: bool = False, frameworks: bool = True) -> None:
+    """Set up the terminal: this package's lines on stderr, NNI/Lightning quiet unless ``verbose`` (or ``debug``).
+
+    ``frameworks=False`` (commands that never import NNI, e.g. ``list``) leaves NNI and Lightning unimported.
+    """
     package = logging.getLogger('nni_darts_variants')
     if not any(getattr(h, '_nni_darts', False) for h in package.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -45,7 +48,7 @@ def configure_logging(verbose: bool = False, debug: bool = False) -> None:
         package.addHandler(handler)
     package.setLevel(logging.DEBUG if debug else logging.INFO)
     loud = verbose or debug
-    if not loud:  # both set their loggers' level when imported: import them first
+    if not loud and frameworks:  # both set their loggers' level when imported: import them first
         import nni.runtime.log  # noqa: F401
         import pytorch_lightning  # noqa: F401
     for name in ('nni', 'pytorch_lightning', 'lightning.pytorch', 'lightning.fabric'):
