@@ -62,12 +62,20 @@ def _cmd_list() -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import run_search
+    from .search import SearchInterrupted, run_search
     if args.config is None and args.resume is None:
         raise ValueError('give a CONFIG.yaml (or --resume RUN_DIR)')
-    result = run_search(args.config, args.overrides, output=args.output, overwrite=args.overwrite,
-                        resume=args.resume)
+    try:
+        result = run_search(args.config, args.overrides, output=args.output, overwrite=args.overwrite,
+                            resume=args.resume)
+    except SearchInterrupted as stop:  # SIGTERM / Ctrl-C: a checkpoint was written (search/interrupt.py)
+        print(f'nni-darts search: {stop}', file=sys.stderr)
+        return stop.exit_code
     print(f'architecture: {result.genotype if result.genotype is not None else result.sample}')
+    nb201 = result.metrics.get('nb201')
+    if nb201:
+        print(f'NAS-Bench-201 cell: {nb201["arch"]}, CIFAR-10 test accuracy {nb201["cifar10_test"]} (table: '
+              f'{nb201["table"]}, percentile {nb201["percentile"]})')
     evaluation = result.metrics.get('evaluate')
     if evaluation:
         print(f'retrained from scratch: test accuracy {evaluation["test_acc"]:.4f} '
@@ -107,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'retrain': lambda: _cmd_retrain(args), 'bench': lambda: _cmd_bench(args)}
     try:
         return commands[args.command]()
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as err:
         if args.debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -19,9 +19,7 @@ class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the fix."""
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a :class:`ConfigError`."""
-    path = Path(path)
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f'config file {path} not found; give the path of a YAML file')
     try:
@@ -36,6 +34,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f'{path}: the top level must be a mapping of sections, got {type(data).__name__}')
     return data
+
+
+def load_yaml(path: str | Path, resolve_base: bool = True, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a :class:`ConfigError`.
+
+    A top-level ``base:`` (a path, or a list of paths, relative to the file) makes the file a delta: the bases are
+    loaded first (they may have bases of their own), merged in order with :func:`merge`, and the file's own keys
+    are merged over them. ``resolve_base=False`` returns the file as written.
+    """
+    path = Path(path)
+    data = _read_mapping(path)
+    if not resolve_base or 'base' not in data:
+        return data
+    bases = data.pop('base')
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f'{path}: base must be a path or a list of paths, got {bases!r}')
+    here = path.resolve()
+    chain = _chain + (here,)
+    result: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if base_path in chain:
+            loop = ' -> '.join(str(p) for p in chain + (base_path,))
+            raise ConfigError(f'{path}: base files form a loop ({loop}); remove one of the base: entries')
+        if not base_path.is_file():
+            raise ConfigError(f'{path}: base file {base} not found (looked for {base_path}); fix the path, '
+                              'which is relative to this file')
+        result = merge(result, load_yaml(base_path, True, chain))
+    return merge(result, data)
 
 
 def _parse_value(text: str) -> Any:

@@ -138,7 +138,8 @@ class Genotype:
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + '\n')
+        from .atomic import atomic_write_json
+        atomic_write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path: str | Path) -> 'Genotype':

@@ -42,13 +42,15 @@ import torch.nn.functional as F
 
 from search_spaces.ops import FactorizedReduce, PoolBN, Zero
 
-__all__ = ['MergedConv', 'MergedEdgeOp', 'MERGEABLE_CONVS', 'LINEAR_OPS', 'is_mergeable', 'receptive_field_mask',
-           'linear_op_kernel']
+__all__ = ['MergedConv', 'MergedEdgeOp', 'MergedDenseEdgeOp', 'MERGEABLE_CONVS', 'DENSE_CONVS', 'LINEAR_OPS',
+           'is_mergeable', 'receptive_field_mask', 'linear_op_kernel']
 
 #: Convolution candidates that share the merged kernel: name -> (kernel size, dilation).
 MERGEABLE_CONVS: dict[str, tuple[int, int]] = {
     'sep_conv_3x3': (3, 1), 'sep_conv_5x5': (5, 1), 'dil_conv_3x3': (3, 2), 'dil_conv_5x5': (5, 2),
 }
+#: NAS-Bench-201's dense ReLU-Conv-BN candidates that share one merged 3x3 kernel: name -> kernel size.
+DENSE_CONVS: dict[str, int] = {'nor_conv_1x1': 1, 'nor_conv_3x3': 3}
 #: Parameter-free linear candidates folded into the same depthwise call (``skip_connect`` at stride 1 only).
 LINEAR_OPS: tuple[str, ...] = ('skip_connect', 'avg_pool_3x3')
 _LINEAR_FIELD = {'skip_connect': 1, 'avg_pool_3x3': 3}
@@ -244,3 +246,64 @@ def _check_common(channels: int, stride: int, candidates: list[str]) -> None:
         raise ValueError('candidates is empty; give at least one operation name')
     if len(set(candidates)) != len(candidates):
         raise ValueError(f'duplicate candidates in {candidates}')
+
+
+class MergedDenseEdgeOp(nn.Module):
+    """A NAS-Bench-201 edge the MergeNAS way: ``nor_conv_1x1`` and ``nor_conv_3x3`` as ONE dense 3x3 convolution.
+
+    The two dense convolutions share one kernel ``W`` (``C x C x 3 x 3``): ``nor_conv_1x1`` is ``W`` times the centre
+    mask, ``nor_conv_3x3`` the whole of ``W``, so their mixture is ``s * BN(conv(relu(x), W * sum_o (w_o / s) M_o))``
+    with ``s`` their summed weight (the same reconstruction as :class:`MergedConv`, dense instead of depthwise).
+    ``skip_connect`` and ``avg_pool_3x3`` (bare in NAS-Bench-201: no BN) fold into one depthwise kernel
+    ``w_skip * delta + w_avg * box`` on ``x`` (zero padding, so the average counts the border's zeros, unlike the
+    benchmark's ``count_include_pad=False``); ``none`` adds nothing. Two convolution calls per edge instead of four ops.
+
+    Parameters
+    ----------
+    channels
+        Input and output channels.
+    candidates
+        Names from ``none``, ``skip_connect``, ``nor_conv_1x1``, ``nor_conv_3x3``, ``avg_pool_3x3``; ``weights``
+        follow this order.
+    affine
+        Affine batch norm (``False`` in the NAS-Bench-201 search network).
+    """
+
+    def __init__(self, channels: int, candidates: Sequence[str], *, affine: bool = False):
+        super().__init__()
+        candidates = list(candidates)
+        _check_common(channels, 1, candidates)
+        unknown = [n for n in candidates if n not in DENSE_CONVS and n not in ('none', *LINEAR_OPS)]
+        if unknown:
+            raise ValueError(f'unknown operation(s) {unknown} for a merged NAS-Bench-201 edge; valid: none, '
+                             f'{", ".join(LINEAR_OPS)}, {", ".join(DENSE_CONVS)}')
+        self.channels, self.candidates = channels, candidates
+        self.conv_names = [n for n in candidates if n in DENSE_CONVS]
+        self.linear_names = [n for n in candidates if n in LINEAR_OPS]
+        self.register_buffer('conv_index', torch.tensor([candidates.index(n) for n in self.conv_names],
+                                                        dtype=torch.long), persistent=False)
+        self.register_buffer('linear_index', torch.tensor([candidates.index(n) for n in self.linear_names],
+                                                          dtype=torch.long), persistent=False)
+        masks = [receptive_field_mask(DENSE_CONVS[n], 1, 3) for n in self.conv_names]
+        self.register_buffer('conv_masks', torch.stack(masks) if masks else torch.zeros(0, 3, 3), persistent=False)
+        linear = [linear_op_kernel(n, 3) for n in self.linear_names]
+        self.register_buffer('linear_kernels', torch.stack(linear) if linear else torch.zeros(0, 3, 3),
+                             persistent=False)
+        if self.conv_names:
+            self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            self.bn = nn.BatchNorm2d(channels, affine=affine)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        weights = _as_weights(weights, len(self.candidates), x)
+        out = x.new_zeros(())
+        if self.conv_names:
+            conv_weights = weights[self.conv_index]
+            conv_mass = conv_weights.sum()
+            coefficients = conv_weights / conv_mass.clamp_min(torch.finfo(x.dtype).tiny)
+            mask = torch.einsum('o,oij->ij', coefficients, self.conv_masks)
+            out = out + conv_mass * self.bn(F.conv2d(F.relu(x), self.weight * mask, padding=1))
+        if self.linear_names:
+            kernel = torch.einsum('o,oij->ij', weights[self.linear_index], self.linear_kernels)
+            out = out + F.conv2d(x, kernel.expand(self.channels, 1, 3, 3), padding=1, groups=self.channels)
+        return out if self.conv_names or self.linear_names else x.mul(0.)

@@ -17,7 +17,8 @@ run_search`), and
 
 The run folder (genotype.json, sample.json, alphas, metrics) is ``$NNI_OUTPUT_DIR/search`` inside an NNI trial,
 or ``--output`` / the recipe's ``output.dir`` / ``runs/...`` outside one. A search that fails raises, so the trial
-exits non-zero and NNI marks it FAILED. Outside NNI (no tuner), ``get_next_parameter()`` gives nothing and the
+exits non-zero and NNI marks it FAILED. ``nnictl stop`` sends the trial SIGTERM: the step in progress finishes, a
+checkpoint is written, the trial exits with 143, and a trial started again on that folder resumes it. Outside NNI (no tuner), ``get_next_parameter()`` gives nothing and the
 trial is a plain search, which makes this module easy to try by hand.
 """
 from __future__ import annotations
@@ -115,7 +116,11 @@ class NniReporter:
 
 
 def final_metrics(result: Any) -> dict[str, Any]:
-    """The final NNI metric of a finished search: last supernet accuracy, the genotype (or sample) as text."""
+    """The final NNI metric of a finished search: last supernet accuracy, the genotype (or sample) as text.
+
+    On NAS-Bench-201 (``metrics['nb201']`` holds a table accuracy) ``default`` is that accuracy instead, and the
+    supernet accuracy is reported as ``supernet_val_acc``.
+    """
     metrics = result.metrics
     accuracy = _number(metrics.get('supernet_val_acc'))
     architecture = str(result.genotype) if result.genotype is not None else json.dumps(result.sample, sort_keys=True)
@@ -125,6 +130,9 @@ def final_metrics(result: Any) -> dict[str, Any]:
     for key in ('test_acc', 'params'):
         if key in evaluation:
             final[key] = evaluation[key]
+    nb201 = metrics.get('nb201') or {}
+    if nb201.get('cifar10_test') is not None:  # NAS-Bench-201: the web UI ranks the trials by the table accuracy
+        final.update(default=nb201['cifar10_test'], supernet_val_acc=accuracy, nb201_arch=nb201['arch'])
     return final
 
 
@@ -148,8 +156,9 @@ def run_trial(config_path: str, overrides: Sequence[str] = (), output: str | Non
     config = apply_parameters(apply_overrides(load_yaml(config_path), overrides), parameters)
     reporter = NniReporter()
     run_dir = trial_output_dir(output)
-    # A trial restarted on the folder of an interrupted search continues it from its last checkpoint.
-    interrupted = run_dir is not None and (run_dir / 'checkpoints' / 'last.ckpt').exists() \
+    # A trial restarted on the folder of an interrupted search (stopped by nnictl stop, i.e. SIGTERM, or killed)
+    # continues it from its newest loadable checkpoint.
+    interrupted = run_dir is not None and (run_dir / 'config.yaml').exists() \
         and not (run_dir / 'result.json').exists()
     if interrupted:
         _logger.info('resuming the interrupted search in %s', run_dir)
@@ -174,8 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stdout()
     warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    from .search.interrupt import SearchInterrupted
     try:
         run_trial(args.config, args.overrides, args.output)
+    except SearchInterrupted as stop:  # nnictl stop sends SIGTERM: the checkpoint is written, the folder resumable
+        _logger.warning('%s', stop)
+        return stop.exit_code
     except Exception:  # noqa: BLE001 - any failure must fail the trial, with its traceback in trial.log
         _logger.exception('the search failed; the trial exits with status 1 so that NNI marks it FAILED')
         return 1

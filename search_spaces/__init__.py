@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ['DartsSpace', 'ProxylessSpace', 'DartsCell']
+__all__ = ['DartsSpace', 'ProxylessSpace', 'DartsCell', 'NasBench201Space']
 
-_LAZY = {'DartsSpace': 'search_spaces.darts', 'ProxylessSpace': 'search_spaces.proxylessnas', 'DartsCell': 'search_spaces.cell'}
+_LAZY = {'DartsSpace': 'search_spaces.darts', 'ProxylessSpace': 'search_spaces.proxylessnas', 'DartsCell': 'search_spaces.cell',
+         'NasBench201Space': 'search_spaces.nasbench201'}
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,12 @@ PRIMITIVES: tuple[str, ...] = (
 
 
 class Zero(nn.Module):
-    """The ``none`` operation: a zero tensor of the output shape (strided on reduction edges)."""
+    """The ``none`` operation: a zero tensor of the output shape (strided on reduction edges).
+
+    ``is_zero`` tells the mixed edges that its weighted output can be left out of their sum.
+    """
+
+    is_zero = True
 
     def __init__(self, stride: int):
         super().__init__()
@@ -106,7 +111,7 @@ class PoolBN(nn.Sequential):
 
 OpFactory = Callable[[int, int, bool, bool], nn.Module]
 
-#: Factories ``(channels, stride, affine, pool_bn) -> module`` for every DARTS primitive.
+#: Factories ``(channels, stride, affine, pool_bn) -> module`` for every DARTS primitive and NAS-Bench-201 op.
 OPS: dict[str, OpFactory] = {
     'none': lambda c, s, affine, pool_bn: Zero(s),
     'max_pool_3x3': lambda c, s, affine, pool_bn: PoolBN('max', c, s, affine, pool_bn),
@@ -116,6 +121,10 @@ OPS: dict[str, OpFactory] = {
     'sep_conv_5x5': lambda c, s, affine, pool_bn: SepConv(c, c, 5, s, 2, affine),
     'dil_conv_3x3': lambda c, s, affine, pool_bn: DilConv(c, c, 3, s, 2, 2, affine),
     'dil_conv_5x5': lambda c, s, affine, pool_bn: DilConv(c, c, 5, s, 4, 2, affine),
+    # NAS-Bench-201's convolutions (ReLU-Conv-BN, dense); its none, skip_connect and avg_pool_3x3 (pool_bn=False)
+    # are the entries above. The official conv has a bias when BN is not affine: BN removes it, so it is left out.
+    'nor_conv_1x1': lambda c, s, affine, pool_bn: ReLUConvBN(c, c, 1, s, 0, affine),
+    'nor_conv_3x3': lambda c, s, affine, pool_bn: ReLUConvBN(c, c, 3, s, 1, affine),
 }
 
 

@@ -44,3 +44,71 @@ def cifar_slice():
     if not (CIFAR_SLICE / 'train').is_dir():
         pytest.skip(f'CIFAR-10 slice not found at {CIFAR_SLICE}')
     return CIFAR_SLICE
+
+
+class _Supernet:
+    """``supernet(strategy, seed=0, space=None, dtype=None, **space_kwargs)``: the strategy's mutated tiny space.
+
+    ``supernet.lightning(strategy, ...)`` also wraps it in the strategy's Lightning module (no trainer) and returns
+    ``(module, space)``.
+    """
+
+    def __call__(self, strategy, seed: int = 0, space=None, dtype=None, **space_kwargs):
+        import torch
+
+        from nni_darts_variants.testing import tiny_space
+        torch.manual_seed(seed)
+        net = strategy.mutate_model(space if space is not None else tiny_space(**space_kwargs))
+        return net.to(dtype) if dtype is not None else net
+
+    def lightning(self, strategy, seed: int = 0, space=None, dtype=None, **space_kwargs):
+        from nni_darts_variants.testing import tiny_evaluator
+        net = self(strategy, seed=seed, space=space, **space_kwargs)
+        module = strategy.configure_oneshot_module(tiny_evaluator().module)
+        module.set_model(net)
+        if dtype is not None:
+            module.to(dtype)
+        return module, net
+
+
+@pytest.fixture
+def supernet():
+    """Build a strategy's supernet on the tiny space (see :class:`_Supernet`)."""
+    return _Supernet()
+
+
+def _edges_of(net, kind=None, per_label: bool = False) -> list:
+    """Modules of ``net`` that are instances of ``kind`` (default: any ``MixedEdge``), in module order; with
+    ``per_label`` only the first module of each label (modules of a label share their parameters)."""
+    from nni_darts_variants.strategies.base import MixedEdge
+    kind = kind or MixedEdge
+    found, labels = [], set()
+    for module in net.modules():
+        if isinstance(module, kind) and not (per_label and module.label in labels):
+            labels.add(getattr(module, 'label', None))
+            found.append(module)
+    return found
+
+
+@pytest.fixture
+def edges_of():
+    """``edges_of(net, kind=MixedEdge, per_label=False)``: the supermodules of a kind in a network."""
+    return _edges_of
+
+
+@pytest.fixture
+def search_with(tmp_path):
+    """``search_with(strategy, callbacks, loaders=None, max_epochs=1, seed=0, space=None)``: a tiny NNI search with
+    extra Lightning callbacks; returns the exported sample."""
+    def run(strategy, callbacks, loaders=None, max_epochs: int = 1, seed: int = 0, space=None):
+        import pytorch_lightning as pl
+        from nni.nas.experiment import NasExperiment
+
+        from nni_darts_variants.testing import tiny_evaluator, tiny_space
+        pl.seed_everything(seed, verbose=False)
+        evaluator = tiny_evaluator(max_epochs=max_epochs, callbacks=list(callbacks), loaders=loaders)
+        experiment = NasExperiment(space if space is not None else tiny_space(), evaluator, strategy)
+        experiment.config.experiment_working_directory = str(tmp_path / 'search')
+        experiment.run()
+        return experiment.export_top_models(formatter='dict')[0]
+    return run

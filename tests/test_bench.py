@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nni_darts_variants import bench
-from nni_darts_variants.bench import BenchConfig, LiveSavedTensorCounter, add_ratios, find_max_batch
-from nni_darts_variants.memory import SavedTensorCounter
+from nni_darts_variants import bench, bench_cli
+from nni_darts_variants.bench import BenchConfig, add_ratios
+from nni_darts_variants.max_batch import find_max_batch
+from nni_darts_variants.memory import LiveSavedTensorCounter, SavedTensorCounter
 
 TINY = ['--width', '4', '--cells', '3', '--batch-size', '2', '--image-size', '8', '--steps', '1', '--warmup', '1',
         '--device', 'cpu', '--no-prime']
@@ -101,6 +102,7 @@ def test_tiny_bench_returns_every_field_for_ours_and_nni(tiny_report):
             assert row[f'{figure}_vs_darts'] is not None and row[f'{figure}_vs_nni'] is not None
     assert rows['nni-darts']['source'] == 'nni' and rows['darts']['source'] == 'ours'
     assert all(row['arch_params'] > 0 for row in rows.values())
+    assert all(0 < row['step_cpu_seconds'] and 0 < row['first_step_seconds'] for row in rows.values())
 
 
 def test_ratios_to_the_reference_rows_are_one(tiny_report):
@@ -114,7 +116,7 @@ def test_ratios_to_the_reference_rows_are_one(tiny_report):
 def test_json_flag_prints_parseable_json(capsys, monkeypatch):
     rows = [{'name': 'darts', 'batch_size': 2, 'error': None, 'activation_bytes': 10, 'saved_bytes': 20,
              'peak_bytes': 30, 'step_seconds': 0.5, 'params': 7}]
-    monkeypatch.setattr(bench, 'run_bench', lambda cfg: add_ratios([dict(r) for r in rows]))
+    monkeypatch.setattr(bench_cli, 'run_bench', lambda cfg, progress=None: add_ratios([dict(r) for r in rows]))
     assert bench.bench_main(TINY + ['--json']) == 0
     report = json.loads(capsys.readouterr().out)
     assert report['rows'][0]['activation_bytes_vs_darts'] == 1.0
@@ -126,7 +128,7 @@ def test_table_lists_rows_and_errors(capsys, monkeypatch):
     rows = [{'name': 'darts', 'batch_size': 2, 'error': None, 'activation_bytes': 2 ** 20, 'saved_bytes': 2 ** 21,
              'peak_bytes': 2 ** 22, 'step_seconds': 0.5, 'params': 10 ** 6, 'note': 'x=1'},
             {'name': 'broken', 'batch_size': 2, 'error': 'ImportError: nope'}]
-    monkeypatch.setattr(bench, 'run_bench', lambda cfg: add_ratios([dict(r) for r in rows]))
+    monkeypatch.setattr(bench_cli, 'run_bench', lambda cfg, progress=None: add_ratios([dict(r) for r in rows]))
     assert bench.bench_main(TINY) == 1  # a failed row is reported, and the exit code says so
     out = capsys.readouterr().out
     assert '1.0 (1.00/-)' in out and '500.0 (1.00/-)' in out and 'broken  error: ImportError: nope' in out
@@ -216,12 +218,12 @@ def test_bf16_autocast_and_channels_last_keep_the_search_step_finite(row):
 
 
 def test_isolated_child_gets_the_same_config():
-    """``--isolate`` re-runs each row as ``python -m nni_darts_variants.bench`` with the config as arguments."""
+    """``--isolate`` re-runs each row as ``python -m nni_darts_variants.bench_cli`` with the config as arguments."""
     cfg = BenchConfig(**{**TINY_CFG, 'strategies': ['darts'], 'dtype': 'bfloat16', 'channels_last': True,
-                         'max_batch': 12345, 'probe_batches': (2, 3)})
-    args = bench.build_parser().parse_args(bench._config_argv(cfg))
-    for key in ('width', 'num_cells', 'batch_size', 'image_size', 'device', 'dtype', 'channels_last', 'steps',
-                'warmup', 'seed', 'strategies', 'max_batch', 'max_batch_metric', 'prime'):
+                         'compile': True, 'max_batch': 12345, 'probe_batches': (2, 3)})
+    args = bench_cli.build_parser().parse_args(bench_cli._config_argv(cfg))
+    for key in ('width', 'num_cells', 'batch_size', 'image_size', 'device', 'dtype', 'channels_last', 'compile',
+                'steps', 'warmup', 'seed', 'strategies', 'max_batch', 'max_batch_metric', 'prime'):
         assert getattr(args, key) == getattr(cfg, key), key
     assert tuple(args.probe_batches) == cfg.probe_batches
 
@@ -236,3 +238,46 @@ def test_tiny_bench_on_cuda(dtype):
     for row in rows:
         assert row['error'] is None, row
         assert row['peak_kind'] == 'cuda_max_allocated' and row['peak_bytes'] > row['activation_bytes'] > 0
+
+
+def _captured_config(monkeypatch, argv):
+    seen = {}
+
+    def fake(cfg, progress=None):
+        seen['cfg'] = cfg
+        return add_ratios([{'name': 'darts', 'batch_size': cfg.batch_size, 'error': None, 'activation_bytes': 1,
+                            'saved_bytes': 1, 'peak_bytes': 1, 'step_seconds': 1.0, 'params': 1}])
+    monkeypatch.setattr(bench_cli, 'run_bench', fake)
+    assert bench_cli.bench_main(argv) == 0
+    return seen['cfg']
+
+
+def test_default_is_the_quick_preset_and_paper_is_one_flag_away(monkeypatch):
+    quick = _captured_config(monkeypatch, ['--device', 'cpu', '--no-prime'])
+    assert (quick.batch_size, quick.steps, quick.warmup, quick.num_cells, quick.width) == (8, 2, 1, 8, 16)
+    paper = _captured_config(monkeypatch, ['--device', 'cpu', '--paper'])
+    assert (paper.batch_size, paper.steps, paper.warmup) == (64, 5, 2)
+    mixed = _captured_config(monkeypatch, ['--device', 'cpu', '--paper', '--batch-size', '32'])
+    assert (mixed.batch_size, mixed.steps) == (32, 5)  # an explicit option overrides the preset
+
+
+def test_a_progress_line_per_row_and_the_ratio_to_nni_of_the_same_algorithm(monkeypatch, capsys):
+    calls = []
+
+    def fake_measure(row, cfg, batch_size=None):
+        seconds = {'darts': 1.0, 'nni-darts': 2.0, 'gdas': 3.0, 'nni-gumbel': 4.0}[row]
+        return {'name': row, 'batch_size': 2, 'error': None, 'activation_bytes': 2 ** 20, 'saved_bytes': 1,
+                'peak_bytes': 1, 'step_seconds': seconds, 'params': 1}
+    monkeypatch.setattr(bench, 'measure_row', fake_measure)
+    rows = bench.run_bench(strategies=['darts', 'gdas', 'nni-darts', 'nni-gumbel'], **TINY_CFG,
+                           progress=lambda i, n, row: calls.append(bench_cli.progress_line(i, n, row)))
+    assert calls == ['[1/4] darts: 1000.0 ms per step, activation 1.0 MB',
+                     '[2/4] gdas: 3000.0 ms per step, activation 1.0 MB',
+                     '[3/4] nni-darts: 2000.0 ms per step, activation 1.0 MB',
+                     '[4/4] nni-gumbel: 4000.0 ms per step, activation 1.0 MB']
+    by_name = {r['name']: r for r in rows}
+    assert by_name['darts']['step_seconds_vs_counterpart'] == 0.5
+    assert by_name['gdas']['step_seconds_vs_counterpart'] == 0.75
+    assert by_name['nni-darts']['step_seconds_vs_counterpart'] is None
+    table = bench_cli.format_table(rows)
+    assert 'step vs NNI' in table.splitlines()[0] and ' 0.75 ' in table

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 
 from nni_darts_variants import create_strategy, get_strategy, list_strategies
-from nni_darts_variants.testing import quick_kwargs, run_tiny_search, tiny_space
+from nni_darts_variants.testing import ArchSnapshot, quick_kwargs, run_tiny_search, tiny_space
 
 STRATEGIES = sorted(list_strategies())
+#: Strategies whose step may leave a choice without a gradient by design (checked over the whole search instead):
+#: PARSEC's score ``grad log p(a_k)`` leaves out the op choices of edges that no sampled child uses
+#: (``parsec.log_prior``); ProxylessNAS skips an edge whose active path is the zero op (official
+#: ``set_arch_param_grad``: ``AP_path_alpha.grad = None``).
+SPARSE_STEP = {'parsec', 'proxyless'}
 
 
 def _quick(name: str):
@@ -24,6 +30,25 @@ def test_builds_from_defaults(name):
     assert isinstance(strategy, DARTS), 'every strategy must stay an NNI DARTS strategy'
 
 
+def _GradientSnapshot():
+    """``ArchSnapshot`` that also records, at each architecture-optimizer step, which architecture parameters have a
+    gradient (``None`` means the step cannot move them)."""
+    snapshot = ArchSnapshot()
+    snapshot.has_grad = []
+    on_train_start = snapshot.on_train_start
+
+    def start(trainer, pl_module):
+        on_train_start(trainer, pl_module)
+        for opt in trainer.optimizers:
+            if getattr(opt, 'is_arch_optimizer', False):
+                def step(*args, _step=opt.step, **kwargs):
+                    snapshot.has_grad.append([p.grad is not None for p in pl_module.arch_parameters()])
+                    return _step(*args, **kwargs)
+                opt.step = step
+    snapshot.on_train_start = start
+    return snapshot
+
+
 class _LazySearches(dict):
     """One tiny NasExperiment per strategy, run on first use (so ``-k name`` runs only that strategy's search)."""
 
@@ -36,7 +61,8 @@ class _LazySearches(dict):
         old = os.environ.get('HOME')
         os.environ['HOME'] = str(self.home)
         try:
-            self[name] = run_tiny_search(_quick(name), seed=0, workdir=str(self.home / name))
+            with mock.patch('nni_darts_variants.testing.ArchSnapshot', _GradientSnapshot):
+                self[name] = run_tiny_search(_quick(name), seed=0, workdir=str(self.home / name))
         finally:
             if old is not None:
                 os.environ['HOME'] = old
@@ -61,7 +87,18 @@ def test_architecture_parameters_move(searches, name):
     snap = searches[name].snapshot
     assert snap.before, 'the strategy has no architecture parameters'
     moved = [not torch.equal(a, b) for a, b in zip(snap.before, snap.after)]
-    assert any(moved), 'no architecture parameter changed during the search'
+    assert all(moved), f'{moved.count(False)} of {len(moved)} architecture parameters never changed'
+
+
+@pytest.mark.parametrize('name', STRATEGIES)
+def test_every_architecture_parameter_gets_a_gradient_in_one_step(searches, name):
+    """Alphas of both cell types and PC-DARTS' betas: a frozen group (``None`` gradient) fails here."""
+    has_grad = searches[name].snapshot.has_grad
+    assert has_grad, 'the architecture optimizer never stepped'
+    if name in SPARSE_STEP:  # every parameter in some step of the search instead
+        has_grad = [[any(step) for step in zip(*has_grad)]]
+    missing = [i for i, ok in enumerate(has_grad[0]) if not ok]
+    assert not missing, f'no gradient at the first architecture step for parameters {missing}'
 
 
 @pytest.mark.parametrize('name', STRATEGIES)
@@ -70,6 +107,8 @@ def test_each_optimizer_owns_its_parameters(searches, name):
     assert snap.arch_ids and snap.arch_ids <= snap.arch_optimizer_params
     assert not snap.arch_ids & snap.weight_optimizer_params, 'alphas must not be in the weight optimizer'
     assert not snap.weight_optimizer_params & snap.arch_optimizer_params
+    memo = {id(p) for p in searches[name].strategy._arch_parameters.values()}  # NNI's alpha of every choice label
+    assert not memo & snap.weight_optimizer_params, 'an unused NNI alpha (e.g. an InputChoice) is in the SGD optimizer'
 
 
 @pytest.mark.parametrize('name', STRATEGIES)

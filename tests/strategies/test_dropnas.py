@@ -219,3 +219,38 @@ def test_defaults_and_bad_input():
         DropNAS(drop_rate=1.0)
     with pytest.raises(ValueError, match='arc_weight_decay'):
         DropNAS(arc_weight_decay=1e-3)
+
+
+def test_two_weight_steps_per_batch_the_second_is_the_partial_decay(search_with):
+    """The weight optimizer steps twice per batch: on the loss, then on the partial decay, whose gradient on every
+    weight used in the batch is ``2 lambda_w w`` (official ``train_search.py``); a no-op decay step fails here."""
+    import pytorch_lightning as pl
+    weight_decay = 3e-4
+    steps = []
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, module):
+            weights = module.weight_parameters()
+            for opt in trainer.optimizers:
+                if not getattr(opt, 'is_arch_optimizer', False):
+                    def step(*args, _step=opt.step, **kwargs):
+                        steps.append((trainer.global_step, [None if w.grad is None else w.grad.clone() for w in weights],
+                                      [w.detach().clone() for w in weights]))
+                        out = _step(*args, **kwargs)
+                        steps[-1] += ([w.detach().clone() for w in weights],)
+                        return out
+                    opt.step = step
+
+    search_with(DropNAS(drop_rate=0.3, weight_decay=weight_decay, gradient_clip_val=None), [Watch()],
+                loaders=tiny_loaders(n=16, batch_size=8))
+    assert len(steps) == 4  # 2 batches x (loss step, decay step)
+    for (_, loss_grads, _, after_loss), (_, decay_grads, before_decay, after_decay) in (steps[0:2], steps[2:4]):
+        used = [i for i, g in enumerate(loss_grads) if g is not None and bool(g.ne(0).any())]
+        assert len(used) > 0.2 * len(loss_grads)  # per-op drop probability 0.3 ** (1/4) = 0.74
+        for i in used:
+            assert torch.equal(before_decay[i], after_loss[i])
+            torch.testing.assert_close(decay_grads[i], 2 * weight_decay * before_decay[i])
+            assert not torch.equal(after_decay[i], before_decay[i]), 'a kept weight missed its decay update'
+        for i, g in enumerate(loss_grads):
+            if i not in used:
+                assert decay_grads[i] is None or not bool(decay_grads[i].ne(0).any()), 'an unused weight was decayed'

@@ -13,20 +13,30 @@ import torch.nn.functional as F
 from scipy import stats
 
 from nni_darts_variants import create_strategy
-from nni_darts_variants.strategies.parsec import (Parsec, ParsecEdge, ParsecLightning, ParsecNode,
-                                                  importance_weighted_backward, importance_weights, log_prior,
-                                                  sample_architecture)
-from nni_darts_variants.testing import tiny_space
+from nni_darts_variants.strategies.parsec import (
+    Parsec,
+    ParsecEdge,
+    ParsecLightning,
+    ParsecNode,
+    importance_weighted_backward,
+    importance_weights,
+    log_prior,
+    sample_architecture,
+)
+from nni_darts_variants.testing import tiny_loaders, tiny_space
 
 
-def supernet(seed: int = 0, scale: float = 0.5, **kwargs):
-    torch.manual_seed(seed)
-    strategy = create_strategy('parsec', **kwargs)
-    model = strategy.mutate_model(tiny_space())
-    with torch.no_grad():
-        for alpha in strategy._arch_parameters.values():
-            alpha.normal_(0, scale)
-    return strategy, model
+@pytest.fixture
+def supernet(supernet):
+    """``supernet(seed=0, scale=0.5, **kwargs)``: the shared fixture's PARSEC net, logits ~ N(0, scale)."""
+    def build(seed: int = 0, scale: float = 0.5, **kwargs):
+        strategy = create_strategy('parsec', **kwargs)
+        model = supernet(strategy, seed=seed)
+        with torch.no_grad():
+            for alpha in strategy._arch_parameters.values():
+                alpha.normal_(0, scale)
+        return strategy, model
+    return build
 
 
 def choices(model, kind):
@@ -95,7 +105,7 @@ def test_importance_weights_normalized_and_shift_invariant():
     assert int(omega.argmax()) == 1
 
 
-def test_op_choice_gradient_is_weighted_onehot_minus_softmax():
+def test_op_choice_gradient_is_weighted_onehot_minus_softmax(supernet):
     _, model = supernet()
     sampled, log_priors = [], []
     for _ in range(4):
@@ -115,7 +125,7 @@ def test_op_choice_gradient_is_weighted_onehot_minus_softmax():
 
 
 @pytest.mark.parametrize('equal', [True, False])
-def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal):
+def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal, supernet):
     _, model = supernet(seed=2, scale=1.0)
     edge = choices(model, ParsecEdge)['normal/op_2_0']
     node = choices(model, ParsecNode)['normal/input_5']
@@ -142,7 +152,7 @@ def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal):
 
 # ----- sampling -----
 
-def test_op_samples_follow_softmax_and_skip_none():
+def test_op_samples_follow_softmax_and_skip_none(supernet):
     _, model = supernet(seed=3)
     edge = choices(model, ParsecEdge)['normal/op_3_1']
     with torch.no_grad():
@@ -164,7 +174,7 @@ def test_op_samples_follow_softmax_and_skip_none():
     assert sum(e2.names[int(torch.multinomial(e2.op_weights().detach(), 1))] == 'none' for _ in range(50)) > 30
 
 
-def test_input_pairs_follow_sequential_draws_without_replacement():
+def test_input_pairs_follow_sequential_draws_without_replacement(supernet):
     _, model = supernet(seed=4, scale=1.0)
     node = choices(model, ParsecNode)['normal/input_5']
     p = F.softmax(node.alpha.detach().double(), -1)
@@ -183,7 +193,7 @@ def test_input_pairs_follow_sequential_draws_without_replacement():
     assert stats.chisquare(observed, [e * n / sum(expected) for e in expected]).pvalue > 1e-3
 
 
-def test_one_candidate_per_used_choice_and_unused_edges_skipped():
+def test_one_candidate_per_used_choice_and_unused_edges_skipped(supernet):
     _, model = supernet()
     calls: Counter = Counter()
     edges = [m for m in model.modules() if isinstance(m, ParsecEdge)]
@@ -236,7 +246,7 @@ def _peak_of_weight_step(model, num_samples: int):
     return counter
 
 
-def test_saved_activation_memory_does_not_grow_with_k():
+def test_saved_activation_memory_does_not_grow_with_k(supernet):
     _, model = supernet()
     with torch.no_grad():  # a (nearly) deterministic prior: every child is the same network
         for choice in choices(model, (ParsecEdge, ParsecNode)).values():
@@ -252,7 +262,7 @@ def test_saved_activation_memory_does_not_grow_with_k():
 
 # ----- export and configuration -----
 
-def test_export_is_the_mode_of_the_prior():
+def test_export_is_the_mode_of_the_prior(supernet):
     strategy, model = supernet(seed=6, scale=1.0)
     nodes = choices(model, ParsecNode)
     with torch.no_grad():
@@ -274,3 +284,119 @@ def test_validation():
     assert Parsec().num_samples == 4
     with pytest.raises(ValueError, match='num_samples'):
         Parsec(num_samples=0)
+
+
+# ----- the strategy's own steps against the hand-computed estimators -----
+
+def _current_child(model) -> dict:
+    """The child the modules hold now: ``{label: op index}`` of used op choices, ``{label: [j1, j2]}`` of inputs."""
+    child = {}
+    for label, node in choices(model, ParsecNode).items():
+        child[label] = list(node.chosen)
+    for label, edge in choices(model, ParsecEdge).items():
+        if edge.enabled:
+            child[label] = edge.sampled
+    return child
+
+
+def _apply_child(model, child: dict) -> None:
+    """Put a recorded child back into the modules (every edge of a label runs the op; unchosen inputs off)."""
+    for module in model.modules():
+        if isinstance(module, ParsecNode):
+            module.chosen = list(child[module.label])
+        elif isinstance(module, ParsecEdge):
+            cell, name = module.label.split('/')
+            node, j = (int(v) for v in name[len('op_'):].split('_'))
+            module.enabled = j in child[f'{cell}/input_{node}']
+            if module.enabled:
+                module.sampled = child[module.label]
+
+
+def _score(model, child: dict) -> dict:
+    """``grad_pi log p(a | pi)`` by hand: ``onehot - softmax`` per used op choice (``none`` outside the prior) and
+    ``(onehot(j1) - softmax(pi)) + (onehot(j2) - softmax(pi without j1))`` per input choice."""
+    score = {}
+    for label, edge in choices(model, ParsecEdge).items():
+        logits = edge.alpha.detach().clone()
+        logits[[n == 'none' for n in edge.names]] = float('-inf')
+        score[label] = torch.zeros_like(logits)
+        if label in child:
+            score[label] = F.one_hot(torch.tensor(child[label]), len(logits)).to(logits) - logits.softmax(-1)
+    for label, node in choices(model, ParsecNode).items():
+        logits = node.alpha.detach().clone()
+        total = torch.zeros_like(logits)
+        for j in child[label]:
+            total += F.one_hot(torch.tensor(j), len(logits)).to(logits) - logits.softmax(-1)
+            logits[j] = float('-inf')
+        score[label] = total
+    return score
+
+
+def test_strategy_steps_equal_the_hand_computed_estimators(search_with):
+    """Drives ``ParsecLightning``'s own architecture and weight steps in a Lightning search, with fixed likelihoods
+    for the architecture children: ``pi.grad = -sum_k omega_k grad log p(a_k)``, ``grad_w = sum_k omega_k grad_w
+    CE(a_k)`` with ``omega = softmax(-B * CE)``; both compared when each optimizer steps."""
+    import pytorch_lightning as pl
+    fixed_losses = iter([0.30, 0.25, 0.40])
+    record = {'arch_children': [], 'arch_losses': [], 'weight_children': [], 'checked': []}
+    (x, y), = list(tiny_loaders(n=8, batch_size=8)[0])
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            model = pl_module.training_module
+            # the children's losses come from ``task_loss`` (the architecture loss without a hardware cost)
+            arch_loss, training_step = pl_module.task_loss, model.training_step
+
+            def fixed_arch_loss(batch, batch_idx):
+                arch_loss(batch, batch_idx)
+                record['arch_children'].append(_current_child(model))
+                record['arch_losses'].append(next(fixed_losses))
+                return torch.tensor(record['arch_losses'][-1])
+
+            def recording_step(batch, batch_idx):
+                record['weight_children'].append(_current_child(model))
+                return training_step(batch, batch_idx)
+
+            pl_module.task_loss = fixed_arch_loss
+            model.training_step = recording_step
+            for opt in trainer.optimizers:
+                opt.step = self._checked(opt, pl_module, getattr(opt, 'is_arch_optimizer', False))
+
+        def _checked(self, opt, pl_module, is_arch):
+            original = opt.step
+
+            def step(*args, **kwargs):
+                (self._arch if is_arch else self._weights)(pl_module)
+                record['checked'].append('arch' if is_arch else 'weight')
+                record['weight_children'].clear()
+                return original(*args, **kwargs)
+            return step
+
+        def _arch(self, pl_module):
+            model = pl_module.training_module
+            omega = torch.softmax(-8 * torch.tensor(record['arch_losses'], dtype=torch.float64), 0)
+            scores = [_score(model, child) for child in record['arch_children']]
+            for label, choice in {**choices(model, ParsecEdge), **choices(model, ParsecNode)}.items():
+                expected = -sum(float(w) * s[label] for w, s in zip(omega, scores))
+                grad = torch.zeros_like(choice.alpha) if choice.alpha.grad is None else choice.alpha.grad
+                assert torch.allclose(grad, expected.to(grad), atol=1e-6), label
+
+        def _weights(self, pl_module):
+            model = pl_module.training_module
+            weights = pl_module.weight_parameters()
+            children = list(record['weight_children'])
+            assert len(children) == 3
+            losses, grads = [], []
+            for child in children:
+                _apply_child(model, child)
+                loss = F.cross_entropy(model(x), y)
+                losses.append(loss.detach())
+                grads.append(torch.autograd.grad(loss, weights, allow_unused=True))
+            omega = torch.softmax(-len(y) * torch.stack(losses), 0)
+            for i, w in enumerate(weights):
+                expected = sum(o * (torch.zeros_like(w) if g[i] is None else g[i]) for o, g in zip(omega, grads))
+                actual = torch.zeros_like(w) if w.grad is None else w.grad
+                assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-4), i
+
+    search_with(Parsec(num_samples=3, gradient_clip_val=None), [Check()], loaders=tiny_loaders(n=8, batch_size=8))
+    assert record['checked'] == ['arch', 'weight'] and len(record['arch_children']) == 3

@@ -3,15 +3,28 @@ from __future__ import annotations
 
 import math
 
+import nni
 import pytest
 import torch
+from nni.nas.evaluator.pytorch.lightning import ClassificationModule
 
 from nni_darts_variants import create_strategy
 from nni_darts_variants.genotype import darts_rule
+from nni_darts_variants.strategies.pdarts import (
+    PDarts,
+    PDartsEdge,
+    drop_operations,
+    limit_skip_connections,
+    skip_dropout_rate,
+    space_blueprint,
+)
+from nni_darts_variants.testing import (
+    TinySearch,
+    run_tiny_search,
+    tiny_loaders,
+    tiny_space,
+)
 from search_spaces.ops import PRIMITIVES
-from nni_darts_variants.strategies.pdarts import (PDarts, PDartsEdge, drop_operations, limit_skip_connections,
-                                                  skip_dropout_rate, space_blueprint)
-from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
 
 OPS = list(PRIMITIVES)
 
@@ -101,6 +114,108 @@ def test_limit_skip_connections():
     assert limit_skip_connections(weights, 8) == unlimited
 
 
+# An independent port of the official skip-connect refinement (chenxin061/pdarts, train_search.py: the last stage's
+# get_min_k_no_zero drop, the final pick, then delete_min_sk_prob / keep_1_on / keep_2_branches until at most
+# max_sk skips), on 14 edges with 3 operations each (official num_to_keep = 5, 3, 1); PRIMITIVES order throughout.
+
+def _official_min_k_no_zero(w_in, idxs, k):
+    w, index = list(w_in), []
+    zero_first = 0 in idxs
+    if zero_first:
+        w, k = w[1:], k - 1
+        index.append(0)
+    for _ in range(k):
+        idx = min(range(len(w)), key=w.__getitem__)
+        w[idx] = 1
+        index.append(idx + 1 if zero_first else idx)
+    return index
+
+
+def _official_keep_1_on(switches_in, probs):
+    switches = [list(s) for s in switches_in]
+    for i, sw in enumerate(switches):
+        idxs = [j for j in range(len(OPS)) if sw[j]]
+        for idx in _official_min_k_no_zero(probs[i], idxs, 2):
+            sw[idxs[idx]] = False
+    return switches
+
+
+def _official_keep_2_branches(switches_in, probs):
+    switches = [list(s) for s in switches_in]
+    final_prob = [max(p) for p in probs]
+    keep, n, start = [0, 1], 3, 2
+    for _ in range(3):
+        end = start + n
+        ranked = sorted(range(n), key=lambda x: final_prob[start:end][x])
+        keep += [ranked[-1] + start, ranked[-2] + start]
+        start, n = end, n + 1
+    for i, sw in enumerate(switches):
+        if i not in keep:
+            sw[:] = [False] * len(OPS)
+    return switches
+
+
+def _official_delete_min_sk_prob(switches_in, switches_bk, probs_in):
+    skip = OPS.index('skip_connect')
+
+    def sk_idx(k):
+        return -1 if not switches_in[k][skip] else sum(switches_bk[k][:skip])
+    probs = [list(p) for p in probs_in]
+    sk_prob = [1.0] * len(switches_bk)
+    for i in range(len(switches_in)):
+        if sk_idx(i) != -1:
+            sk_prob[i] = probs[i][sk_idx(i)]
+    d_idx = min(range(len(sk_prob)), key=sk_prob.__getitem__)
+    probs[d_idx][sk_idx(d_idx)] = 0.0
+    return probs
+
+
+def _official_refined_cell(weights, max_sk):
+    edges = [(n, j) for n in range(2, 6) for j in range(n)]
+    switches_bk = [[op in weights[e] for op in OPS] for e in edges]
+    probs = [[weights[e][op] for op in OPS if op in weights[e]] for e in edges]
+    switches = _official_keep_1_on(switches_bk, probs)  # the last stage's drop (none always goes)
+    for i, sw in enumerate(switches_bk):  # the final pick: "remove all Zero operations"
+        if sw[0]:
+            probs[i][0] = 0.0
+    switches = _official_keep_2_branches(switches, probs)
+    skip = OPS.index('skip_connect')
+    while sum(sw[skip] for sw in switches) > max_sk:
+        probs = _official_delete_min_sk_prob(switches, switches_bk, probs)
+        switches = _official_keep_1_on(switches_bk, probs)
+        switches = _official_keep_2_branches(switches, probs)
+    cell = {}
+    for (node, j), sw in zip(edges, switches):
+        for op, on in zip(OPS, sw):
+            if on:
+                cell.setdefault(node, set()).add((op, j))
+    return cell
+
+
+def _skip_prone_cell(seed):
+    """3 operations per edge (skip on most edges, with a raised logit); softmax weights in PRIMITIVES order."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for node in range(2, 6):
+        for j in range(node):
+            others = [OPS[k] for k in torch.randperm(8, generator=g).tolist() if OPS[k] != 'skip_connect']
+            names = others[:2] + ['skip_connect'] if torch.rand(1, generator=g) < 0.8 else others[:3]
+            names = [op for op in OPS if op in names]
+            logits = torch.randn(3, generator=g, dtype=torch.float64)
+            logits += torch.tensor([1.5 if op == 'skip_connect' else 0.0 for op in names], dtype=torch.float64)
+            weights[(node, j)] = dict(zip(names, torch.softmax(logits, 0).tolist()))
+    return weights
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_skip_limit_equals_the_official_refinement(seed):
+    weights = _skip_prone_cell(seed)
+    unlimited = sum(op == 'skip_connect' for ops in _official_refined_cell(weights, 8).values() for op, _ in ops)
+    for max_skip in range(0, 5):
+        ours = {node: set(pairs) for node, pairs in limit_skip_connections(weights, max_skip).items()}
+        assert ours == _official_refined_cell(weights, max_skip), (max_skip, unlimited)
+
+
 def test_limit_keeps_a_skip_that_has_no_alternative():
     weights = {(2, 0): {'none': 0.2, 'skip_connect': 0.8}, (2, 1): {'skip_connect': 0.7, 'sep_conv_3x3': 0.3}}
     nodes = limit_skip_connections(weights, 0)
@@ -109,18 +224,17 @@ def test_limit_keeps_a_skip_that_has_no_alternative():
 
 # ----- the edge ------------------------------------------------------------------------------------------------------
 
-def _supernet_edges():
-    strategy = create_strategy('pdarts')
-    net = strategy.mutate_model(tiny_space())
+def _supernet_edges(supernet):
+    net = supernet(create_strategy('pdarts'))
     normal = net.cells[0].edge(2, 0)  # stride 1: Identity
     reduce = net.cells[1].edge(2, 0)  # stride 2: FactorizedReduce
     assert isinstance(normal, PDartsEdge) and isinstance(reduce, PDartsEdge)
     return net, normal, reduce
 
 
-def test_skip_dropout_only_on_stride1_identity():
+def test_skip_dropout_only_on_stride1_identity(supernet):
     torch.manual_seed(0)
-    net, normal, reduce = _supernet_edges()
+    net, normal, reduce = _supernet_edges(supernet)
     x = torch.rand(4, 8, 8, 8) + 1.0
     net.train()
     normal.skip_dropout = reduce.skip_dropout = 0.5
@@ -133,9 +247,9 @@ def test_skip_dropout_only_on_stride1_identity():
     assert torch.equal(normal.candidate_output('skip_connect', x), x)
 
 
-def test_edge_without_dropout_is_the_darts_mixture():
+def test_edge_without_dropout_is_the_darts_mixture(supernet):
     torch.manual_seed(0)
-    _, normal, _ = _supernet_edges()
+    _, normal, _ = _supernet_edges(supernet)
     normal.skip_dropout = 0.0
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
     normal.double().eval()
@@ -163,6 +277,7 @@ def test_bad_configuration(kwargs, match):
 def test_blueprint_fills_defaults_and_rejects_other_spaces():
     import torch.nn as nn
     from nni.nas.nn.pytorch import ModelSpace
+
     from search_spaces import DartsSpace
 
     cls, kwargs = space_blueprint(DartsSpace(8, dataset='digits'))
@@ -214,6 +329,7 @@ def _recorder():
                 'weight_opt': {id(p) for g in weight_opt.param_groups for p in g['params']},
                 'arch_opt': {id(p) for g in arch_opt.param_groups for p in g['params']},
                 'weight_state': len(weight_opt.state),
+                'lr': weight_opt.param_groups[0]['lr'],
                 'weights': {id(p) for p in module.weight_parameters()},
                 'arch': {id(p) for p in module.arch_parameters()},
             })
@@ -225,17 +341,56 @@ def _recorder():
     return Recorder()
 
 
+@nni.trace
+class _CosineClassification(ClassificationModule):
+    """NNI's classification module with SGD and a per-epoch cosine LR over ``schedule_epochs`` (the official P-DARTS
+    per-stage schedule when the strategy's ``schedule_epochs`` sizes it)."""
+
+    def __init__(self, schedule_epochs: int, learning_rate: float = 0.025):
+        super().__init__(learning_rate=learning_rate, optimizer=torch.optim.SGD, num_classes=10)
+        self.schedule_epochs = schedule_epochs
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.schedule_epochs, eta_min=0.0)
+        return [optimizer], [{'scheduler': scheduler, 'interval': 'epoch'}]
+
+
 @pytest.fixture(scope='module')
 def staged(tmp_path_factory):
     import os
+    import tempfile
     from unittest import mock
+
+    import pytorch_lightning as pl
+    from nni.nas.evaluator.pytorch import Lightning, Trainer
+    from nni.nas.experiment import NasExperiment
     home = tmp_path_factory.mktemp('home')
     recorder = _recorder()
     strategy = create_strategy('pdarts', **STAGES)
-    with mock.patch.dict(os.environ, {'HOME': str(home)}), \
-            mock.patch('nni_darts_variants.testing.ArchSnapshot', lambda: recorder):
-        result = run_tiny_search(strategy, max_epochs=4, loaders=tiny_loaders(n=16), workdir=str(home / 'run'))
-    return result, recorder
+    train, val = tiny_loaders(n=16)
+    pl.seed_everything(0, verbose=False)
+    module = _CosineClassification(schedule_epochs=strategy.schedule_epochs(4))
+    trainer = Trainer(max_epochs=4, accelerator='cpu', logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+                      num_sanity_val_steps=0)
+    evaluator = Lightning(module, trainer, train_dataloaders=train, val_dataloaders=val)
+    with mock.patch.dict(os.environ, {'HOME': str(home)}):
+        experiment = NasExperiment(tiny_space(), evaluator, strategy)
+        experiment.config.experiment_working_directory = tempfile.mkdtemp(dir=home)
+        experiment.run()
+    sample = experiment.export_top_models(formatter='dict')[0]
+    return TinySearch(strategy, sample, recorder, experiment), recorder
+
+
+def test_lr_is_back_at_its_maximum_at_the_first_batch_of_each_stage(staged):
+    """Each stage rebuilds the optimizers and their cosine over ``epochs_per_stage`` (official ``train_search.py``):
+    a schedule that ran on across stages would be at its minimum (0) at epoch 2."""
+    _, rec = staged
+    lrs = [s['lr'] for s in rec.start]
+    cosine = [0.025 * (1 + math.cos(math.pi * e / 2)) / 2 for e in range(2)]
+    assert lrs == pytest.approx(cosine + cosine)
+    assert lrs[2] == pytest.approx(0.025) and lrs[1] < 0.025
 
 
 def test_cells_and_alpha_shapes_per_stage(staged):
@@ -250,8 +405,9 @@ def test_stage2_keeps_the_strongest_stage1_operations(staged):
     _, rec = staged
     stage1_end, stage2 = rec.end[1], rec.start[2]['ops']
     for label, alpha in stage1_end.items():
-        kept = drop_operations(rec.start[0]['ops'][label], torch.softmax(alpha, -1).tolist(), 3)
-        assert stage2[label] == kept
+        names, probs = rec.start[0]['ops'][label], torch.softmax(alpha, -1).tolist()
+        strongest = sorted(range(len(names)), key=lambda i: -probs[i])[:3]  # official get_min_k drops the rest
+        assert stage2[label] == [names[i] for i in sorted(strongest)]
 
 
 def test_fresh_network_alphas_and_optimizers_per_stage(staged):
@@ -298,8 +454,8 @@ def test_export_comes_from_the_last_stage(staged):
         for k, (op, j) in enumerate(pairs):
             assert op in last_ops[f'{cell}/op_{2 + k // 2}_{j}']
         weights = module.edge_weights(module.darts_cells()[cell])
-        limit = STAGES['max_skip_connect'] if cell == 'normal' else None
-        nodes = limit_skip_connections(weights, limit)
+        limit = STAGES['max_skip_connect'] if cell == 'normal' else 8
+        nodes = _official_refined_cell(weights, limit)
         assert pairs == [pair for node in sorted(nodes) for pair in sorted(nodes[node], key=lambda p: p[1])]
     assert sum(op == 'skip_connect' for op, _ in genotype.normal) <= STAGES['max_skip_connect']
 

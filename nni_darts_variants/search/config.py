@@ -1,0 +1,69 @@
+"""The search config: every key with its default (:data:`SEARCH_SCHEMA`), and :func:`resolve_config`, which checks
+all of it before anything is built or written."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, apply_overrides, check_schema, load_yaml
+from ..distributed import lightning_strategy
+from ..registry import check_strategy_arguments
+from ..speed import check_threads
+from ..strategies.base import DartsVariant
+
+__all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'resolve_config']
+
+#: Every key a search config may have, with its default.
+SEARCH_SCHEMA: dict[str, Any] = {
+    'seed': 2,
+    'strategy': {'name': 'darts', 'args': {}},
+    'space': {'name': 'darts', 'args': {}},
+    'data': {'name': 'digits', 'root': None, 'download': False, 'batch_size': 64, 'train_portion': 0.5,
+             'num_workers': 0, 'image_size': None, 'limit': None, 'subset': None, 'weight_fraction': 0.1,
+             'arch_fraction': 0.025, 'in_memory': True},
+    'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
+              'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
+              'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False, 'num_nodes': 1,
+              'threads': None, 'compile': False, 'lr_warmup_epochs': 0},
+    'evaluate': {'epochs': 0, 'learning_rate': 0.05},
+    'output': {'dir': None, 'overwrite': False, 'bundle': True},
+}
+OPEN_SECTIONS = ('strategy.args', 'space.args')
+
+
+def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """Load (if a path), apply overrides, fill defaults and check every key, strategy and space argument."""
+    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    raw = apply_overrides(raw, overrides)
+    cfg = check_schema(raw, SEARCH_SCHEMA, open_sections=OPEN_SECTIONS)
+    if cfg['train']['max_epochs'] < 1:
+        raise ConfigError(f'train.max_epochs must be >= 1, got {cfg["train"]["max_epochs"]}')
+    if cfg['train']['num_nodes'] < 1:
+        raise ConfigError(f'train.num_nodes must be >= 1, got {cfg["train"]["num_nodes"]}')
+    _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train']['max_epochs'])
+    for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay', 'lr_warmup_epochs'):
+        if cfg['train'][key] < 0:
+            raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
+    try:
+        lightning_strategy(cfg['train']['strategy'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        check_threads(cfg['train']['threads'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg['train']['learning_rate'] == 0:
+        raise ConfigError('train.learning_rate must be positive, got 0')
+    return cfg
+
+
+def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:
+    """Unknown arguments, bad values (by building the strategy: cheap, nothing is trained) and a ``max_epochs`` the
+    strategy cannot run are :class:`ConfigError` naming ``strategy.args``."""
+    try:
+        strategy = check_strategy_arguments(name, args)(**args)
+        if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
+            strategy.check_trainer(max_epochs, **args)
+    except (TypeError, ValueError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f'strategy.args: {message}') from None

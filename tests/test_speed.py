@@ -1,0 +1,189 @@
+"""The exact speed-ups give the same search: same alphas and weights after a few steps as the unoptimised path.
+
+The unoptimised path is the same module with the shortcuts switched off (``skip_unread_gradients = False``: full
+backward in both steps, as NNI's and the official code; ``zero_names`` emptied: ``none`` candidates computed, weighted
+and summed). In float64 the results must be bitwise equal: leaving out a term ``w * 0`` or a gradient nobody reads
+changes no floating-point operation that reaches a parameter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from nni.mutable import frozen_context
+
+from nni_darts_variants import bench
+from nni_darts_variants.bench import BenchConfig
+from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
+
+CFG = dict(width=4, num_cells=3, batch_size=3, image_size=8, steps=2, warmup=1, device='cpu', prime=False)
+
+
+def _search(row: str, optimised: bool, monkeypatch, precision: str = '64-true', **cfg_overrides):
+    import pytorch_lightning as pl
+    monkeypatch.setattr(VariantLightningModule, 'skip_unread_gradients', optimised)
+    cfg = BenchConfig(**{**CFG, **cfg_overrides}).check()
+    pl.seed_everything(0, verbose=False)
+    _, module, epochs, _ = bench.build_row_module(row, cfg)
+    edges = [m for m in module.modules() if isinstance(m, MixedEdge)]
+    if not optimised:
+        for edge in edges:
+            edge.zero_names = set()
+    trainer = pl.Trainer(accelerator='cpu', devices=1, precision=precision, max_epochs=epochs, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0,
+                         callbacks=[bench.step_meter(cfg.warmup, cfg.steps, 'cpu', False, 0)])  # stops the fit
+    trainer.fit(module, train_dataloaders=bench.bench_loaders(cfg, cfg.batch_size))
+    alphas = [p.detach().clone() for p in module.arch_parameters()]
+    arch = {id(p) for p in module.arch_parameters()}
+    weights = [p.detach().clone() for p in module.parameters() if id(p) not in arch]
+    return alphas, weights, edges
+
+
+QUICK = ['darts', 'pcdarts', 'gdas']
+SLOW = ['darts-2nd', 'proxyless', 'pdarts', 'mergenas', 'dropnas', 'parsec']
+
+
+@pytest.mark.parametrize('row', QUICK + [pytest.param(r, marks=pytest.mark.slow) for r in SLOW])
+def test_shortcuts_give_bitwise_the_same_search_in_float64(row, monkeypatch):
+    if row not in bench.available_rows():
+        pytest.skip(f'{row} not registered')
+    alphas, weights, edges = _search(row, True, monkeypatch)
+    ref_alphas, ref_weights, ref_edges = _search(row, False, monkeypatch)
+    if row in ('darts', 'pcdarts', 'darts-2nd'):  # their edges run the base sum: the shortcut is really taken
+        assert any(e.zero_names for e in edges) and not any(e.zero_names for e in ref_edges)
+    assert any(not torch.equal(a, torch.zeros_like(a)) for a in alphas)  # the alphas moved from ~1e-3 noise
+    assert len(alphas) == len(ref_alphas) and len(weights) == len(ref_weights)
+    assert all(torch.equal(a, b) for a, b in zip(alphas, ref_alphas))
+    assert all(torch.equal(a, b) for a, b in zip(weights, ref_weights))
+
+
+def test_shortcuts_agree_within_float32_rounding(monkeypatch):
+    alphas, weights, _ = _search('darts', True, monkeypatch, precision='32-true')
+    ref_alphas, ref_weights, _ = _search('darts', False, monkeypatch, precision='32-true')
+    for a, b in zip(alphas + weights, ref_alphas + ref_weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _edge(x_shape=(2, 4, 6, 6)):
+    from search_spaces.ops import PRIMITIVES, build_op
+    torch.manual_seed(0)
+    ops = {name: build_op(name, 4, 1, affine=False, pool_bn=True) for name in PRIMITIVES}
+    alpha = torch.nn.Parameter(torch.randn(len(PRIMITIVES), dtype=torch.float64))
+    with frozen_context():  # supermodules are built inside NNI's frozen context (as mutate_model does)
+        edge = MixedEdge(ops, alpha, 'e').double()
+    return edge, torch.randn(*x_shape, dtype=torch.float64)
+
+
+def test_skipping_none_keeps_the_softmax_gradient_of_its_alpha():
+    """Paper formula, computed here by hand: d/d alpha_k of sum_o p_o y_o with p = softmax(alpha) is
+    p_k (g_k - sum_o p_o g_o), g_o = <dL/dy, y_o>. For ``none`` g = 0, so its alpha gets -p_none sum_o p_o g_o:
+    not zero (it normalizes the others), while the gradient to its own weight p_none is exactly 0."""
+    edge, x = _edge()
+    assert edge.zero_names == {'none'}
+    out = edge(x)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    with torch.no_grad():
+        p = torch.softmax(edge.alpha, -1)
+        g = torch.stack([(upstream * edge[name](x)).sum() for name in edge.names])
+        expected = p * (g - (p * g).sum())
+    assert g[edge.names.index('none')] == 0
+    torch.testing.assert_close(edge.alpha.grad, expected, rtol=1e-12, atol=1e-15)
+    assert edge.alpha.grad[edge.names.index('none')] != 0
+
+
+def test_skipping_none_gives_the_same_edge_output_and_gradients_bitwise():
+    edge, x = _edge()
+    out = edge(x)
+    out.sum().backward()
+    grad = edge.alpha.grad.clone()
+    edge.alpha.grad = None
+    edge.zero_names = set()
+    full = edge(x)
+    full.sum().backward()
+    assert torch.equal(out, full) and torch.equal(grad, edge.alpha.grad)
+
+
+def test_architecture_step_leaves_weight_gradients_unset(monkeypatch):
+    """The shortcut is taken: after a first-order DARTS step only the weight step wrote weight gradients, and the
+    architecture step's backward reached only the alphas (their grads are from the architecture loss)."""
+    calls = []
+    original = VariantLightningModule.arch_backward_inputs
+
+    def spy(self):
+        kwargs = original(self)
+        calls.append(len(kwargs.get('inputs', ())))
+        return kwargs
+    monkeypatch.setattr(VariantLightningModule, 'arch_backward_inputs', spy)
+    _search('darts', True, monkeypatch, steps=1)
+    assert calls and calls[0] > 0
+
+
+def _image_folder(root, n=12, size=32):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        folder = root / 'train' / f'class{i % 3}'
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('image_size', [None, 8])  # 8: a Resize before the random crop and flip
+def test_images_decoded_once_give_bitwise_the_same_batches_over_epochs(tmp_path, image_size):
+    from nni_darts_variants.data import DecodedImages, build_search_data
+    root = _image_folder(tmp_path / 'images')
+    batches = {}
+    for in_memory in (False, True):
+        data = build_search_data('imagefolder', root=str(root), batch_size=4, image_size=image_size,
+                                 in_memory=in_memory, seed=3)
+        assert isinstance(data.train.dataset.dataset, DecodedImages) == in_memory
+        torch.manual_seed(5)  # the augmentation's random state
+        batches[in_memory] = [torch.cat([x for x, _ in loader]) for _ in range(3)
+                              for loader in (data.train, data.val)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True]))
+    assert not torch.equal(batches[True][0], batches[True][2])  # a fresh augmentation each epoch
+
+
+def test_transforms_that_cannot_be_replayed_exactly_stay_as_they_are(tmp_path):
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from nni_darts_variants.data import DecodedImages, decoded_in_memory
+    root = _image_folder(tmp_path / 'images')
+    resized = ImageFolder(str(root / 'train'), transform=T.Compose([T.RandomResizedCrop(8), T.ToTensor()]))
+    assert decoded_in_memory(resized) is resized
+    plain = ImageFolder(str(root / 'train'), transform=T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
+    assert isinstance(decoded_in_memory(plain), DecodedImages)
+    assert decoded_in_memory(plain, max_bytes=10_000) is plain  # 12 images of 3,072 bytes do not fit
+
+
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two'])
+def test_bad_thread_count_is_a_config_error_naming_the_key(bad):
+    from nni_darts_variants.config import ConfigError
+    from nni_darts_variants.search.config import resolve_config
+    with pytest.raises(ConfigError, match='train.threads'):
+        resolve_config({'train': {'threads': bad}})
+
+
+def test_threads_are_applied_and_none_leaves_them():
+    from nni_darts_variants.speed import apply_threads
+    before = torch.get_num_threads()
+    try:
+        apply_threads(None)
+        assert torch.get_num_threads() == before
+        apply_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compile_keeps_the_module_names_and_the_forward():
+    from nni_darts_variants.speed import compile_supernet
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    expected = net(x)
+    compiled = compile_supernet(net)
+    assert compiled is net and list(net.state_dict()) == ['0.weight', '0.bias']
+    torch.testing.assert_close(net(x), expected)
