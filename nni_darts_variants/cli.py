@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
-__all__ = ['main', 'build_parser']
+__all__ = ['build_parser', 'main']
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog='nni-darts',
         description='Differentiable architecture search (DARTS and its memory-efficient variants) on NNI 3.0.')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks and debug logs')
+    parser.add_argument('--verbose', '-v', action='store_true', help='show NNI\'s and Lightning\'s log lines too')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
 
     search = sub.add_parser('search', help='run a search from a YAML config',
@@ -106,9 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format='%(levelname)s %(message)s')
-    # NNI 3.0 warns about every torch class it does not know at import; harmless with current torch.
-    warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    from .logs import configure_logging
+    configure_logging(verbose=args.verbose, debug=args.debug, frameworks=args.command in ('search', 'retrain'))
     if args.command is None:
         parser.print_help()
         return 2
