@@ -473,8 +473,11 @@ class DartsVariant(DARTS):
     1. ``NasExperiment.run()`` calls :meth:`mutate_model`: NNI creates one alpha ``randn * 1e-3`` per choice label,
        then runs :meth:`default_mutation_hooks` top-down over the model space. ``edge_class.mutate`` replaces every
        ``LayerChoice`` with the variant's :class:`MixedEdge` and ``node_class.mutate`` every ``InputChoice`` with its
-       :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). **Hook: the mixed-edge
-       forward** (``edge_class``, ``node_class``).
+       :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). An NNI ``Cell`` becomes a
+       :class:`~.nni_spaces.MixedCell` of the same edge and node classes, a free ``InputChoice`` an ``input_class``,
+       mutable modules NNI's mixed operations with ``mixed_op_policy`` (``None``: refused); constructs listed in
+       ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
+       (``edge_class``, ``node_class``, ``input_class``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
        (Adam with ``arc_learning_rate``, ``arc_betas``, ``arc_weight_decay``); NNI removes the alphas from the
