@@ -144,15 +144,7 @@ class GumbelMaxInput(MixedInput):
 class GdasLightning(VariantLightningModule):
     """GDAS search loop: weight step first, then the architecture step, each on a fresh sample; annealed ``tau``."""
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
-        trn_batch, val_batch = batch['train'], batch['val']
-        output = self.weight_step(trn_batch, batch_idx)
-        if self.arch_update_enabled(batch_idx):
-            self.architecture_step(trn_batch, val_batch, batch_idx)
-        self.advance_lr_schedulers(batch_idx)
-        if batch_idx % self.log_prob_every_n_step == 0:
-            self.log_probs(self.export_probs())
-        return output
+    step_order = ('weight', 'arch')
 
     def resample(self) -> dict[str, Any]:
         """Draw one sample per label (shared by all cells of a type); returns it as an NNI sample."""
@@ -199,8 +191,6 @@ class Gdas(DartsVariant):
         belongs to the evaluator.
     """
 
-    name = 'gdas'
-    description = 'GDAS (Dong & Yang 2019): hard Gumbel-max sampling, one op per edge, straight-through gradients'
     edge_class = GumbelMaxEdge
     input_class = GumbelMaxInput
     darts_fallback_for = ('repeat depth', 'value choice')

@@ -125,7 +125,5 @@ class MergeNAS(Darts):
         weight decay 1e-3; weight gradients clipped at 5).
     """
 
-    name = 'mergenas'
-    description = 'MergeNAS (Wang et al. 2020): the convolutions of an edge merged into one masked kernel'
     edge_class = MergedEdge
     darts_fallback_for = ('value choice',)

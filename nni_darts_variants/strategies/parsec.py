@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from search_spaces.cell import DartsCell, edge_label, input_label
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, loss_of
+from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, first_per_label, loss_of
 from .nni_spaces import MixedCell
 
 __all__ = ['Parsec', 'ParsecEdge', 'ParsecNode', 'ParsecInput', 'ParsecLightning', 'importance_weights', 'sample_architecture',
@@ -211,10 +211,7 @@ def sample_architecture(model: nn.Module) -> dict[str, Any]:
 def log_prior(model: nn.Module) -> torch.Tensor:
     """``log p(a | pi)`` of the current child, over the choices it uses (ops of switched-off edges are left out:
     they do not change the likelihood, so their score terms would only add variance)."""
-    choices: dict[str, ParsecEdge | ParsecNode] = {}
-    for module in model.modules():
-        if isinstance(module, (ParsecEdge, ParsecNode)):
-            choices.setdefault(module.label, module)
+    choices = first_per_label(model.modules(), (ParsecEdge, ParsecNode))
     terms = [c.log_prob() for c in choices.values() if not isinstance(c, ParsecEdge) or c.enabled]
     return torch.stack(terms).sum()
 
@@ -256,20 +253,11 @@ class ParsecLightning(VariantLightningModule):
     def _weight_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return loss_of(self.training_module.training_step(batch, batch_idx))
 
-    def weight_step(self, trn_batch: Any, batch_idx: int) -> Any:
-        """Shared weights: ``sum_k omega_k grad loss_k`` over K children on the training batch, then one step."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        optimizer = next(o for o in optimizers if not getattr(o, 'is_arch_optimizer', False))
-        epoch = self.trainer.current_epoch
-        self.training_module.optimizer_zero_grad(epoch, batch_idx, optimizer)
-        loss = importance_weighted_backward(
+    def weight_backward(self, trn_batch: Any, batch_idx: int) -> torch.Tensor:
+        """Shared weights: ``sum_k omega_k grad loss_k`` over K children on the training batch (the base steps)."""
+        return importance_weighted_backward(
             lambda: self._sample_loss(trn_batch, 2 * batch_idx + 1, self._weight_loss), self.strategy.num_samples,
             self.weight_parameters(), self.manual_backward)
-        self.training_module.configure_gradient_clipping(optimizer, self.gradient_clip_val, None)
-        self.training_module.optimizer_step(epoch, batch_idx, optimizer)
-        self._optimizer_progress += 1
-        return loss
 
     def export_cell(self, cell: DartsCell) -> dict[str, Any]:
         """The mode of the prior: top-``n_chosen`` input logits per node, argmax op logit (not ``none``) per edge."""
@@ -277,10 +265,9 @@ class ParsecLightning(VariantLightningModule):
             return cell.sample({node: [(cell.edge(node, j).mode(), j) for j in cell.inputs[str(node)].mode()]
                                 for node in cell.node_indices})
         sample: dict[str, Any] = {}
-        for node in cell.node_indices:
-            sample[input_label(cell.label, node)] = cell.inputs[str(node)].mode()
-            for j in range(node):
-                sample[edge_label(cell.label, node, j)] = cell.edge(node, j).mode()
+        for node, j, edge in cell.iter_edges():
+            sample.setdefault(input_label(cell.label, node), cell.inputs[str(node)].mode())
+            sample[edge_label(cell.label, node, j)] = edge.mode()
         return sample
 
 
@@ -318,8 +305,6 @@ class Parsec(DartsVariant):
         (``softmax`` of the op logits; each DARTS edge weighted by its share ``2 / n``) is added to the surrogate.
     """
 
-    name = 'parsec'
-    description = 'PARSEC (Casale et al. 2019): sampled child networks, importance-weighted empirical Bayes'
     edge_class: ClassVar[type[MixedEdge]] = ParsecEdge
     node_class: ClassVar[type[MixedNode]] = ParsecNode
     input_class = ParsecInput

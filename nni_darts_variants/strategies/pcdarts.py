@@ -145,13 +145,11 @@ class PCDartsLightning(VariantLightningModule):
 
     def edge_weights(self, cell: DartsCell) -> dict[tuple[int, int], dict[str, float]]:
         weights = super().edge_weights(cell)
-        for node in cell.node_indices:
-            beta = cell.inputs[str(node)].input_weights()
-            if beta is None:
-                continue
-            beta = beta.detach().cpu().tolist()
-            for j in range(node):
-                weights[(node, j)] = {op: w * beta[j] for op, w in weights[(node, j)].items()}
+        betas = {int(node): choice.input_weights() for node, choice in cell.inputs.items()}
+        betas = {node: beta.detach().cpu().tolist() for node, beta in betas.items() if beta is not None}
+        for node, j, _ in cell.iter_edges():
+            if node in betas:
+                weights[(node, j)] = {op: w * betas[node][j] for op, w in weights[(node, j)].items()}
         return weights
 
 
@@ -188,8 +186,6 @@ class PCDarts(DartsVariant):
         1e-3; weight gradients clipped at 5).
     """
 
-    name = 'pcdarts'
-    description = 'PC-DARTS (Xu et al. 2020): partial channel connections (1/K) and edge normalization'
     edge_class = PartialChannelEdge
     node_class = EdgeNormalizedNode
     darts_fallback_for = ('value choice',)
@@ -209,8 +205,12 @@ class PCDarts(DartsVariant):
         return cls(**{**IMAGENET_PRESET, **overrides})
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search: no warm-up, so that alphas and betas move."""
+        return {'warmup_epochs': 0}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
         return {'warmup_epochs': 0}
 
     def mutate_kwargs(self) -> dict[str, Any]:
