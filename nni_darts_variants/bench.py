@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .counting import count_parameters
 from .memory import LiveSavedTensorCounter, RssSampler, release_memory, rss
 
 __all__ = ['BenchConfig', 'available_rows', 'build_row_strategy', 'build_row_module', 'bench_trainer',
@@ -138,7 +139,7 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
                 from .speed import compile_supernet
                 compile_supernet(pl_module)
             arch = pl_module.arch_parameters() if hasattr(pl_module, 'arch_parameters') else []
-            self.params = sum(p.numel() for p in pl_module.parameters())
+            self.params = count_parameters(pl_module)
             self.arch_params = sum(p.numel() for p in arch)
 
         def _sync(self) -> None:
@@ -266,7 +267,8 @@ def build_row_module(row: str, cfg: BenchConfig) -> tuple[Any, Any, int, str]:
     strategy, note = build_row_strategy(row)
     space = DartsSpace(width=cfg.width, num_cells=cfg.num_cells, dataset='cifar10')
     strategy.mutate_model(space)
-    epochs = strategy.required_max_epochs() or SEARCH_EPOCHS
+    from .strategies.base import DartsVariant  # NNI's built-in rows fix no epoch count
+    epochs = (strategy.required_max_epochs() if isinstance(strategy, DartsVariant) else None) or SEARCH_EPOCHS
     module = strategy.configure_oneshot_module(SearchClassification(num_classes=10, max_epochs=epochs))
     module.set_model(space)
     return strategy, module, epochs, note

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .genotype import CELL_TYPES, Genotype
+from .counting import count_parameters
 
 __all__ = ['write_bundle', 'count_parameters', 'count_multiply_adds', 'network_stats', 'op_choices',
            'final_probabilities', 'draw_cell', 'draw_heatmap', 'draw_history', 'retrain_command', 'BUNDLE_DIR']
@@ -30,11 +31,6 @@ RECIPE_DIR = Path(__file__).resolve().parents[1] / 'experiments' / 'retrain'
 
 
 # ----- size of the derived network -----
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (the sum of ``numel`` over ``model.parameters()``)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def count_multiply_adds(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-adds of every ``Conv2d`` and ``Linear`` in one eval-mode forward of a zero input (bias excluded).

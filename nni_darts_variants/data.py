@@ -97,11 +97,13 @@ def _subset_indices(train: Dataset, subset: str, fractions: tuple[float, float],
     return weight_idx, arch_idx
 
 
-def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    if limit is None or limit >= len(dataset):
+def random_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """The first ``limit`` items of a ``seed``-fixed permutation (the whole dataset when ``limit`` is unset, 0 or
+    not smaller than it). The one subset helper of search and retrain data."""
+    if not limit or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset
-    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 7)).tolist()
-    return Subset(dataset, perm[:limit])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    return Subset(dataset, order[:limit].tolist())
 
 
 def _digits(root: str | None, download: bool, image_size: int | None, seed: int) -> tuple[Dataset, Dataset, int, int]:
@@ -178,7 +180,7 @@ def _imagefolder(root: str | None, download: bool, image_size: int | None, seed:
 
 
 def _synthetic(root: str | None, download: bool, image_size: int | None, seed: int):
-    from .testing import tiny_dataset
+    from .synthetic import learnable_images as tiny_dataset
     size = image_size or 8
     return tiny_dataset(256, channels=3, size=size, seed=seed), tiny_dataset(64, channels=3, size=size,
                                                                              seed=seed + 1), 3, 10
@@ -290,7 +292,7 @@ def build_search_data(name: str, root: str | None = None, download: bool = False
             raise DataError(f'data.limit={limit} cannot be combined with data.subset={subset!r}; unset one of them')
         w_idx, a_idx = _subset_indices(train, subset, (weight_fraction, arch_fraction), seed)
     else:
-        train = _limit(train, limit, seed)
+        train = random_subset(train, limit, seed + 7)
         w_idx, a_idx = split_indices(len(train), train_portion, seed)
     if in_memory:
         train = decoded_in_memory(train)

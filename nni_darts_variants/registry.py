@@ -28,6 +28,8 @@ BUILTIN_STRATEGIES: dict[str, tuple[str, str]] = {
                  'MergeNAS (Wang et al. 2020): the convolutions of an edge merged into one masked kernel'),
     'dropnas': ('nni_darts_variants.strategies.dropnas',
                 'DropNAS (Hong et al. 2020): grouped operation dropout for one-level DARTS'),
+    'snas': ('nni_darts_variants.strategies.snas',
+             'SNAS (Xie et al. 2019): soft Gumbel-softmax mixing, one level, expected parametric-op cost'),
 }
 
 _registry: dict[str, type] = {}

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+
+from .synthetic import learnable_images
 
 __all__ = ['tiny_space', 'tiny_dataset', 'tiny_loaders', 'tiny_evaluator', 'run_tiny_search', 'TinySearch',
            'quick_kwargs', 'ArchSnapshot']
@@ -24,17 +26,8 @@ def tiny_space(width: int = 8, num_cells: int = 3, num_nodes: int = 4, **kwargs:
     return DartsSpace(width=width, num_cells=num_cells, num_nodes=num_nodes, **kwargs)
 
 
-def tiny_dataset(n: int = 32, channels: int = 1, size: int = 8, num_classes: int = 10, seed: int = 0
-                 ) -> TensorDataset:
-    """Synthetic images whose class sets the mean of one quadrant, so that a tiny network can learn them."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
-    x = torch.randn(n, channels, size, size, generator=g) * 0.5
-    half = size // 2
-    for c in range(num_classes):
-        rows, cols = divmod(c % 4, 2)
-        x[y == c, :, rows * half:(rows + 1) * half, cols * half:(cols + 1) * half] += 1.0 + c / num_classes
-    return TensorDataset(x, y)
+#: Synthetic images whose class sets the mean of one quadrant (library code: :mod:`nni_darts_variants.synthetic`).
+tiny_dataset = learnable_images
 
 
 def tiny_loaders(n: int = 32, batch_size: int = 8, seed: int = 0, **kwargs: Any) -> tuple[DataLoader, DataLoader]:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..config import ConfigError
+from ..data import random_subset
 
 __all__ = ['Cutout', 'build_datasets', 'synthetic_images']
 
@@ -88,13 +89,6 @@ def _image_folder(data: dict[str, Any], train_tf: Any, test_tf: Any) -> tuple[Da
     return train, test, len(train.classes)
 
 
-def _limit(dataset: Dataset, limit: int, seed: int) -> Dataset:
-    if not limit or limit >= len(dataset):  # type: ignore[arg-type]
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
-    return Subset(dataset, order[:limit].tolist())
-
-
 def build_datasets(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
     """``(train, test, num_classes)`` for a resolved retrain config (sections ``data``, ``model``, ``train``)."""
     data, network, seed = config['data'], config['model']['network'], config['train']['seed']
@@ -107,4 +101,4 @@ def build_datasets(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
         train_tf, test_tf = _transforms(network, data['image_size'], data['cutout'])
         loader = _cifar10 if data['source'] == 'cifar10' else _image_folder
         train, test, classes = loader(data, train_tf, test_tf)
-    return _limit(train, data['train_limit'], seed), _limit(test, data['test_limit'], seed + 1), classes
+    return random_subset(train, data['train_limit'], seed), random_subset(test, data['test_limit'], seed + 1), classes

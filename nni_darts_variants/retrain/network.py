@@ -16,12 +16,14 @@ PC-DARTS, P-DARTS and DropNAS reuse:
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from ..genotype import CELL_TYPES, Genotype
+from ..counting import count_parameters as _count_parameters
 from search_spaces.ops import OPS, FactorizedReduce, ReLUConvBN, build_op
 
 __all__ = ['EvalNetwork', 'EvalCell', 'AuxiliaryHead', 'drop_path', 'validate_genotype', 'count_parameters',
@@ -198,7 +200,5 @@ class EvalNetwork(nn.Module):
         return (logits, logits_aux) if logits_aux is not None else logits
 
 
-def count_parameters(model: nn.Module, *, include_auxiliary: bool = False) -> int:
-    """Number of parameters; like the official ``count_parameters_in_MB``, the auxiliary head is left out."""
-    return sum(p.numel() for name, p in model.named_parameters()
-               if include_auxiliary or 'auxiliary' not in name)
+#: Number of parameters; like the official ``count_parameters_in_MB``, the auxiliary head is left out by default.
+count_parameters = functools.partial(_count_parameters, include_auxiliary=False)
