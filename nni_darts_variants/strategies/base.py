@@ -503,17 +503,17 @@ class VariantLightningModule(DartsLightningModule):
                 for node, j, edge in cell.iter_edges()}
 
     def discretize(self, weights: dict[tuple[int, int], dict[str, float]],
-                   cell: DartsCell | MixedCell | None = None, per_node: int = 2) -> dict[int, list[tuple[str, int]]]:
-        """Genotype rule: ``{node: [(op, j), ...]}``, ``per_node`` inputs per node, from the edge weights of ``cell``
-        (default: the DARTS rule, whatever the cell)."""
-        return darts_rule(weights, per_node=per_node)
+                   cell: DartsCell | MixedCell | None = None) -> dict[int, list[tuple[str, int]]]:
+        """Genotype rule: ``{node: [(op, j), ...]}`` from the edge weights of ``cell`` (default: the DARTS rule,
+        two inputs per node, or an NNI cell's ``num_ops_per_node``)."""
+        return darts_rule(weights, per_node=getattr(cell, 'num_ops_per_node', 2))
 
     def export_cell(self, cell: DartsCell | MixedCell) -> dict[str, Any]:
         """NNI sample entries of one cell type: the chosen inputs per node and an operation for every edge
         (a :class:`~.nni_spaces.MixedCell` writes NNI's own ``op_{i}_{k}`` / ``input_{i}_{k}`` labels)."""
         weights = self.edge_weights(cell)
         if isinstance(cell, MixedCell):
-            return cell.sample(self.discretize(weights, cell, per_node=cell.num_ops_per_node))
+            return cell.sample(self.discretize(weights, cell))
         nodes = self.discretize(weights, cell)
         sample: dict[str, Any] = {}
         for node, pairs in nodes.items():
@@ -567,8 +567,11 @@ class DartsVariant(DARTS):
     1. ``NasExperiment.run()`` calls :meth:`mutate_model`: NNI creates one alpha ``randn * 1e-3`` per choice label,
        then runs :meth:`default_mutation_hooks` top-down over the model space. ``edge_class.mutate`` replaces every
        ``LayerChoice`` with the variant's :class:`MixedEdge` and ``node_class.mutate`` every ``InputChoice`` with its
-       :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). **Hook: the mixed-edge
-       forward** (``edge_class``, ``node_class``, ``mutate_kwargs``).
+       :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). An NNI ``Cell`` becomes a
+       :class:`~.nni_spaces.MixedCell` of the same edge and node classes, a free ``InputChoice`` an ``input_class``,
+       mutable modules NNI's mixed operations with ``mixed_op_policy`` (``None``: refused); constructs listed in
+       ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
+       (``edge_class``, ``node_class``, ``input_class``, ``mutate_kwargs``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
        (Adam with ``arc_learning_rate``, ``arc_betas``, ``arc_weight_decay``); NNI removes the alphas from the

@@ -11,7 +11,8 @@ from nni.nas.nn.pytorch import LayerChoice
 
 from search_spaces.ops import PRIMITIVES
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule, first_per_label, loss_of
+from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label, loss_of
+from .nni_spaces import note_fallback
 
 __all__ = ['DropNAS', 'DropEdge', 'DropNASLightning', 'PARAMETRIC_OPS', 'operation_groups', 'sample_group_mask',
            'kept_share', 'adjust_kept_alphas', 'partial_decay_loss']
@@ -130,6 +131,16 @@ class DropEdge(MixedEdge):
     @classmethod
     def from_layer_choice(cls, module: LayerChoice, alpha: nn.Parameter, mutate_kwargs: dict[str, Any]) -> 'DropEdge':
         return cls(module.candidates, alpha, module.label, drop_rate=mutate_kwargs['drop_rate'])
+
+
+class DropNASInput(MixedInput):
+    """A free ``InputChoice`` under DropNAS: its inputs form no parametric / parameter-free groups, so it is DARTS's
+    weighted choice, listed in the strategy's fallback warning."""
+
+    @classmethod
+    def from_input_choice(cls, module: Any, alpha: nn.Parameter, mutate_kwargs: dict[str, Any]) -> 'DropNASInput':
+        note_fallback(mutate_kwargs, 'free input choice (no operation groups to drop)', module.label)
+        return super().from_input_choice(module, alpha, mutate_kwargs)
 
 
 class DropNASLightning(VariantLightningModule):
@@ -265,6 +276,7 @@ class DropNAS(DartsVariant):
     """
 
     edge_class = DropEdge
+    input_class = DropNASInput
     darts_fallback_for = ('value choice',)
     module_class = DropNASLightning
 

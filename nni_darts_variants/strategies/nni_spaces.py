@@ -291,6 +291,12 @@ class MixedCell(BaseSuperNetModule):
         return self.edges[f'{node}_{j}']
 
     def iter_edges(self) -> Iterator[tuple[int, int, nn.Module]]:
+        """``(node, j, edge)`` of every edge, node by node and input by input."""
+        for node in self.node_indices:
+            for j in range(node):
+                yield node, j, self.edge(node, j)
+
+    def iter_edges(self) -> Iterator[tuple[int, int, nn.Module]]:
         """``(node, j, module)`` of every edge, node by node and input by input (as ``DartsCell.iter_edges``)."""
         for node in self.node_indices:
             for j in range(node):
