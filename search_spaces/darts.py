@@ -48,11 +48,14 @@ class DartsSpace(ModelSpace):
         edge's list (P-DARTS restricts each edge to its own subset this way).
     stem_multiplier
         Stem output channels are ``stem_multiplier * width`` (3).
+    final_bn_relu
+        Batch norm and ReLU on the last cell's output before the pooling (``lastact`` of the official GDAS search
+        network); off by default, as the DARTS search network.
     """
 
     def __init__(self, width: int = 16, num_cells: int = 8, num_nodes: int = 4, dataset: str = 'cifar10',
                  operations: OperationSpec | None = None, in_channels: int | None = None,
-                 num_classes: int | None = None, stem_multiplier: int = 3):
+                 num_classes: int | None = None, stem_multiplier: int = 3, final_bn_relu: bool = False):
         super().__init__()
         if dataset not in DATASET_PRESETS:
             raise ValueError(f'unknown dataset {dataset!r} for DartsSpace; valid: {", ".join(DATASET_PRESETS)}')
@@ -93,6 +96,8 @@ class DartsSpace(ModelSpace):
             self.cells.append(cell)
             reduction_prev = reduction
             c_pp, c_p = c_p, num_nodes * c
+        self.final_act: nn.Module = (nn.Sequential(nn.BatchNorm2d(c_p), nn.ReLU(inplace=True)) if final_bn_relu
+                                     else nn.Identity())
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_p, num_classes)
 
@@ -101,4 +106,4 @@ class DartsSpace(ModelSpace):
         s1 = self.stem1(s0) if self.stem1 is not None else s0
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1)
-        return self.classifier(self.global_pooling(s1).flatten(1))
+        return self.classifier(self.global_pooling(self.final_act(s1)).flatten(1))

@@ -2,6 +2,7 @@
 the from-scratch evaluation of a found architecture (:func:`evaluate_sample`)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,23 +23,33 @@ __all__ = ['SearchClassification', 'make_loggers', 'search_evaluator', 'evaluate
 class SearchClassification(ClassificationModule):
     """NNI's classification module with the DARTS weight recipe: SGD with momentum, cosine to ``learning_rate_min``.
 
+    ``lr_warmup_epochs`` > 0 multiplies the first epochs' learning rate by ``(epoch + 1) / lr_warmup_epochs`` (the
+    official PC-DARTS ImageNet search, ``train_search_imagenet.py``: 5 epochs when the batch exceeds 256).
     Results are reported by the search runner, not by this module (so an ``nnictl`` trial reports once).
     """
 
     def __init__(self, *, learning_rate: float = 0.025, learning_rate_min: float = 0.001, momentum: float = 0.9,
-                 weight_decay: float = 3e-4, nesterov: bool = False, num_classes: int = 10, max_epochs: int = 50):
+                 weight_decay: float = 3e-4, nesterov: bool = False, num_classes: int = 10, max_epochs: int = 50,
+                 lr_warmup_epochs: int = 0):
         super().__init__(criterion=nn.CrossEntropyLoss, learning_rate=learning_rate, weight_decay=weight_decay,
                          optimizer=torch.optim.SGD, num_classes=num_classes)
         self.momentum = momentum
         self.nesterov = nesterov
         self.learning_rate_min = learning_rate_min
         self.max_epochs = max_epochs
+        self.lr_warmup_epochs = lr_warmup_epochs
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.learning_rate, momentum=self.momentum,
                                     weight_decay=self.hparams.weight_decay, nesterov=self.nesterov)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs,
-                                                               eta_min=self.learning_rate_min)
+        if self.lr_warmup_epochs:
+            from ..retrain.recipe import lr_factor  # the same cosine, times the warm-up factor
+            scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+                lr_factor, schedule='cosine', epochs=self.max_epochs, lr=self.hparams.learning_rate,
+                lr_min=self.learning_rate_min, warmup_epochs=self.lr_warmup_epochs))
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.max_epochs,
+                                                                   eta_min=self.learning_rate_min)
         return [optimizer], [{'scheduler': scheduler, 'interval': 'epoch'}]
 
     def on_validation_epoch_end(self) -> None:
@@ -62,7 +73,8 @@ def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callb
     module = SearchClassification(learning_rate=train['learning_rate'], learning_rate_min=train['learning_rate_min'],
                                   momentum=train['momentum'], weight_decay=train['weight_decay'],
                                   nesterov=train['nesterov'], num_classes=data.num_classes,
-                                  max_epochs=schedule_epochs or train['max_epochs'])
+                                  max_epochs=schedule_epochs or train['max_epochs'],
+                                  lr_warmup_epochs=train['lr_warmup_epochs'])
     trainer = Trainer(max_epochs=train['max_epochs'], accelerator=train['accelerator'], devices=train['devices'],
                       num_nodes=train['num_nodes'],
                       precision=train['precision'], enable_progress_bar=train['progress_bar'],

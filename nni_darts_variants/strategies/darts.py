@@ -8,7 +8,7 @@ import torch
 from ..registry import register_strategy
 from .base import DartsVariant, VariantLightningModule, loss_of
 
-__all__ = ['Darts', 'DartsLightning', 'virtual_step']
+__all__ = ['Darts', 'DartsLightning', 'virtual_step', 'check_virtual_step']
 
 
 def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], optimizer: torch.optim.Optimizer,
@@ -35,8 +35,22 @@ def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], 
     return result
 
 
+def check_virtual_step(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` if :func:`virtual_step` cannot predict ``optimizer``'s step (Nesterov or dampened SGD)."""
+    for group in optimizer.param_groups:
+        if group.get('nesterov') or group.get('dampening'):
+            raise ValueError(f"second-order DARTS unrolls plain momentum SGD, but the weight optimizer has "
+                             f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}: set "
+                             f"train.nesterov: false (and dampening 0), or use order=1")
+
+
 class DartsLightning(VariantLightningModule):
     """DARTS search loop: the base loop, plus the unrolled (second-order) architecture gradient."""
+
+    def on_train_start(self) -> None:
+        if self.strategy.order == 2:
+            check_virtual_step(self.weight_optimizer())
+        return super().on_train_start()
 
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
         if self.strategy.order == 1:
@@ -56,7 +70,10 @@ class DartsLightning(VariantLightningModule):
 
         ``w' = w - xi * (momentum * buf + grad_w L_train + wd * w)`` is a virtual step of the weight optimizer with
         ``xi`` its current learning rate. The weights are saved and restored exactly around the virtual step and
-        the finite differences.
+        the finite differences. As in the official code, whose validation forward runs on a copy of the model, the
+        forward at ``w'`` leaves the batch-norm running statistics as they were (the training forwards at ``w`` and
+        ``w +- eps v`` update them, three updates per step). Under an fp16 loss scaler every gradient here is taken
+        of the scaled loss; the alpha gradients keep the scale, which the optimizer step removes.
         """
         weights = self.weight_parameters()
         alphas = self.arch_parameters()
@@ -65,16 +82,22 @@ class DartsLightning(VariantLightningModule):
         try:
             # 1. virtual step w' on the training batch
             train_loss = self._loss(trn_batch, 2 * batch_idx)
-            grads = torch.autograd.grad(train_loss, weights, allow_unused=True)
+            scale = self.loss_scale()  # gradients by hand are of the scaled loss (fp16), unscaled where used as such
+            grads = [g if g is None else g / scale
+                     for g in torch.autograd.grad(self.scaled(train_loss), weights, allow_unused=True)]
             unrolled = virtual_step(weights, list(grads), self.weight_optimizer(), xi)
             with torch.no_grad():
                 for w, u in zip(weights, unrolled):
                     w.copy_(u)
-            # 2. gradients of the validation loss at w'
+            # 2. gradients of the validation loss at w' (on the official model copy: running statistics unchanged)
+            running = [b.detach().clone() for b in self.training_module.buffers()]
             val_loss = self.architecture_loss(val_batch, batch_idx)
-            d_all = torch.autograd.grad(val_loss, alphas + weights, allow_unused=True)
+            d_all = torch.autograd.grad(self.scaled(val_loss), alphas + weights, allow_unused=True)
+            with torch.no_grad():  # after the backward, which reads them
+                for b, r in zip(self.training_module.buffers(), running):
+                    b.copy_(r)
             d_alpha = [torch.zeros_like(a) if g is None else g for g, a in zip(d_all[:len(alphas)], alphas)]
-            v = [torch.zeros_like(w) if g is None else g for g, w in zip(d_all[len(alphas):], weights)]
+            v = [torch.zeros_like(w) if g is None else g / scale for g, w in zip(d_all[len(alphas):], weights)]
             # 3. Hessian-vector product by finite differences around w
             hessian = self.finite_difference_hvp(trn_batch, batch_idx, weights, backup, alphas, v)
         finally:
@@ -82,13 +105,14 @@ class DartsLightning(VariantLightningModule):
                 for w, b in zip(weights, backup):
                     w.copy_(b)
         for a, d, h in zip(alphas, d_alpha, hessian):
-            a.grad = d - xi * h
+            a.grad = d - xi * h  # carries the loss scale (if any), as a backward's gradient
         return val_loss.detach()
 
     def finite_difference_hvp(self, trn_batch: Any, batch_idx: int, weights: list[torch.Tensor],
                               center: list[torch.Tensor], alphas: list[torch.Tensor],
                               v: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`` with ``eps = 0.01/|v|``."""
+        """``(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`` with ``eps = 0.01/|v|``
+        (times the loss scale, if any)."""
         norm = torch.cat([x.flatten() for x in v]).norm()
         if norm == 0:
             return [torch.zeros_like(a) for a in alphas]
@@ -98,7 +122,7 @@ class DartsLightning(VariantLightningModule):
             with torch.no_grad():
                 for w, c, d in zip(weights, center, v):
                     w.copy_(c + sign * eps * d)
-            g = torch.autograd.grad(self._loss(trn_batch, 2 * batch_idx), alphas, allow_unused=True)
+            g = torch.autograd.grad(self.scaled(self._loss(trn_batch, 2 * batch_idx)), alphas, allow_unused=True)
             grads.append([torch.zeros_like(a) if x is None else x for x, a in zip(g, alphas)])
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]
 
@@ -125,8 +149,6 @@ class Darts(DartsVariant):
         (0.5, 0.999), weight decay 1e-3; weight gradients clipped at 5).
     """
 
-    name = 'darts'
-    description = 'DARTS (Liu et al. 2019): softmax-mixed ops, first order or unrolled second order (order=2)'
     module_class = DartsLightning
 
     def __init__(self, *, order: int = 1, unrolled_lr: float | None = None, **kwargs: Any):

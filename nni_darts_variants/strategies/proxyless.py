@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule
+from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label
 
-__all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
+__all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessInput', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
            'GRAD_BINARY_MODES', 'ZERO_OPS']
 
 _logger = logging.getLogger(__name__)
@@ -131,13 +131,39 @@ class ProxylessEdge(MixedEdge):
                    grad_binary_mode=mutate_kwargs.get('grad_binary_mode', 'two'))
 
 
+class ProxylessInput(MixedInput):
+    """ProxylessNAS on a free ``InputChoice``: ``n_chosen`` inputs sampled from ``softmax(alpha)`` without replacement.
+
+    Weight phase: only the sampled inputs enter the output. Arch phase: every candidate input is already computed, so
+    the binary-gate gradient over all of them is exact and free: the output adds
+    ``sum_j (p_j - p_j.detach()) * x_j.detach()`` (zero in value), whose gradient is
+    ``dL/dalpha_i = sum_j <dL/dout, x_j> p_j (delta_ij - p_i)`` (no rescaling needed).
+    """
+
+    phase = 'weight'
+    chosen: list[int] | None = None
+
+    def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
+        if self.label in memo:
+            self.chosen = list(memo[self.label])
+            return {}
+        probs = F.softmax(self._arch_alpha.detach(), -1)
+        self.chosen = sorted(torch.multinomial(probs, self.n_chosen or 1, replacement=False).tolist())
+        return {self.label: list(self.chosen)}
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if self.chosen is None:
+            self.resample({})
+        out = sum(inputs[j] for j in self.chosen)
+        if self.phase == 'arch' and self._arch_alpha.requires_grad:
+            probs = F.softmax(self._arch_alpha, -1)
+            out = out + sum((p - p.detach()) * x.detach() for p, x in zip(probs, inputs))
+        return out / len(self.chosen) if self.reduction == 'mean' else out
+
+
 def unique_edges(modules: Iterable[nn.Module]) -> list[ProxylessEdge]:
     """One :class:`ProxylessEdge` per label (all modules of a label share alpha and sample)."""
-    edges: dict[str, ProxylessEdge] = {}
-    for module in modules:
-        if isinstance(module, ProxylessEdge):
-            edges.setdefault(module.label, module)
-    return list(edges.values())
+    return list(first_per_label(modules, ProxylessEdge).values())
 
 
 def prepare_arch_update(edges: Iterable[ProxylessEdge]) -> None:
@@ -173,7 +199,7 @@ class ProxylessLightning(VariantLightningModule):
 
     def _set_phase(self, phase: str) -> None:
         for module in self.supernet_modules():
-            if isinstance(module, ProxylessEdge):
+            if isinstance(module, (ProxylessEdge, ProxylessInput)):
                 module.phase = phase
 
     def arch_update_enabled(self, batch_idx: int) -> bool:
@@ -246,9 +272,10 @@ class ProxylessNAS(DartsVariant):
         official ImageNet schedule warms up 40 of 160 epochs, which does not transfer to the 50-epoch DARTS search).
     """
 
-    name = 'proxyless'
-    description = 'ProxylessNAS (Cai et al. 2019): binarized paths, one path per weight step, two per arch step'
     edge_class: ClassVar[type[MixedEdge]] = ProxylessEdge
+    input_class = ProxylessInput
+    mixed_op_policy = None
+    darts_fallback_for = ('repeat depth',)
     module_class = ProxylessLightning
 
     def __init__(self, *, grad_binary_mode: str = 'two', arch_update_every: int = 5, arc_learning_rate: float = 1e-3,
@@ -268,9 +295,13 @@ class ProxylessNAS(DartsVariant):
                             arc_weight_decay)
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search where alphas move: an arch step every batch, no warm-up."""
         return {'warmup_epochs': 0, 'arch_update_every': 1}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        return {'arch_update_every': 1}
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'grad_binary_mode': self.grad_binary_mode}

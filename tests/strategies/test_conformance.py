@@ -107,6 +107,8 @@ def test_each_optimizer_owns_its_parameters(searches, name):
     assert snap.arch_ids and snap.arch_ids <= snap.arch_optimizer_params
     assert not snap.arch_ids & snap.weight_optimizer_params, 'alphas must not be in the weight optimizer'
     assert not snap.weight_optimizer_params & snap.arch_optimizer_params
+    memo = {id(p) for p in searches[name].strategy._arch_parameters.values()}  # NNI's alpha of every choice label
+    assert not memo & snap.weight_optimizer_params, 'an unused NNI alpha (e.g. an InputChoice) is in the SGD optimizer'
 
 
 @pytest.mark.parametrize('name', STRATEGIES)

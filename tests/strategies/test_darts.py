@@ -12,20 +12,8 @@ from nni_darts_variants.strategies.darts import Darts, virtual_step
 from nni_darts_variants.testing import tiny_evaluator, tiny_loaders, tiny_space
 
 
-def _supernet(strategy, dtype=torch.float32, seed=0):
-    """A mutated tiny space wrapped in the strategy's Lightning module (no trainer)."""
-    torch.manual_seed(seed)
-    space = tiny_space()
-    strategy.mutate_model(space)
-    evaluator = tiny_evaluator()
-    module = strategy.configure_oneshot_module(evaluator.module)
-    module.set_model(space)
-    module.to(dtype)
-    return module, space
-
-
-def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates():
-    module, space = _supernet(create_strategy('darts'))
+def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     edge = space.cells[0].edges['3_1']
     calls = []
     hooks = [edge[name].register_forward_hook(lambda m, i, o, n=name: calls.append(n)) for name in edge.names]
@@ -41,8 +29,8 @@ def test_mixed_edge_is_softmax_weighted_sum_of_all_candidates():
     assert torch.isclose(edge.op_weights().sum(), torch.tensor(1.0))
 
 
-def test_large_logit_selects_its_op():
-    module, space = _supernet(create_strategy('darts'))
+def test_large_logit_selects_its_op(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     edge = space.cells[0].edges['2_0']
     with torch.no_grad():
         edge.alpha.zero_()
@@ -51,8 +39,8 @@ def test_large_logit_selects_its_op():
     assert torch.allclose(edge(x), edge['avg_pool_3x3'](x), atol=1e-5)
 
 
-def test_alphas_shared_per_cell_type_and_shapes():
-    module, space = _supernet(create_strategy('darts'))
+def test_alphas_shared_per_cell_type_and_shapes(supernet):
+    module, space = supernet.lightning(create_strategy('darts'))
     normal = [c for c in space.cells if not c.reduction]
     reduce = [c for c in space.cells if c.reduction]
     assert len(reduce) == 2 and len(normal) == 1
@@ -94,8 +82,8 @@ def _no_log(module):
     module.manual_backward = lambda loss, **kwargs: loss.backward(**kwargs)
 
 
-def test_second_order_with_zero_xi_equals_first_order_exactly():
-    first, _ = _supernet(Darts(order=1), torch.float64)
+def test_second_order_with_zero_xi_equals_first_order_exactly(supernet):
+    first, _ = supernet.lightning(Darts(order=1), dtype=torch.float64)
     second = copy.deepcopy(first)
     second.strategy = Darts(order=2, unrolled_lr=0.0)
     for m in (first, second):
@@ -107,8 +95,8 @@ def test_second_order_with_zero_xi_equals_first_order_exactly():
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_second_order_restores_weights_exactly():
-    module, _ = _supernet(Darts(order=2, unrolled_lr=0.5), torch.float64)
+def test_second_order_restores_weights_exactly(supernet):
+    module, _ = supernet.lightning(Darts(order=2, unrolled_lr=0.5), dtype=torch.float64)
     _no_log(module)
     _attach_optimizer(module)
     before = [w.detach().clone() for w in module.weight_parameters()]
@@ -340,3 +328,90 @@ def test_arch_step_changes_every_alpha_and_no_weight_weight_step_the_reverse(ord
             assert all(alpha_moved) and not any(weight_moved)
         else:
             assert not any(alpha_moved) and sum(weight_moved) > 0.9 * len(weight_moved)
+
+
+def test_second_order_updates_batch_norm_statistics_as_the_official_code(supernet):
+    """Official ``architect.py``: the train forward at ``w`` and the two finite-difference forwards update the model's
+    running statistics; the validation forward at ``w'`` runs on a copy. Three updates, and the running mean is
+    that of the three training forwards (the first BN of the stem sees the raw input, whatever the weights)."""
+    module, _ = supernet.lightning(Darts(order=2), dtype=torch.float64)
+    _no_log(module)
+    _attach_optimizer(module)
+    trn, val = _batches(torch.float64)
+    stem_bn = module.training_module.model.stem0[1]
+    stem_conv = module.training_module.model.stem0[0]
+    with torch.no_grad():
+        conv_out = stem_conv(trn[0])
+    _arch_grads(module, trn, val)
+    assert int(stem_bn.num_batches_tracked) == 3
+    m = stem_bn.momentum
+    # w, w + eps v, w - eps v: the stem conv moves by +-eps v, its mean output is linear in it, so the three batch
+    # means average to the mean at w: running = (1 - (1 - m)^3) * mean(conv(x) at w), to rounding of eps v terms
+    expected = (1 - (1 - m) ** 3) * conv_out.mean((0, 2, 3))
+    torch.testing.assert_close(stem_bn.running_mean, expected, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize('option', [{'nesterov': True}, {'dampening': 0.1}])
+def test_second_order_rejects_nesterov_or_dampened_sgd(option, supernet):
+    from nni_darts_variants.strategies.darts import check_virtual_step
+    module, _ = supernet.lightning(Darts(order=2))
+    opt = torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9, **option)
+    with pytest.raises(ValueError, match='second-order DARTS unrolls plain momentum SGD.*order=1'):
+        check_virtual_step(opt)
+    check_virtual_step(torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9))
+
+
+def test_unused_input_choice_alphas_are_not_weights(supernet):
+    """NNI's memo alpha of each ``InputChoice`` is unused by DARTS' plain-sum nodes: not in ``weight_parameters``
+    (the SGD optimizer and the virtual step), not in the state dict; PC-DARTS' beta stays a parameter."""
+    from nni_darts_variants.strategies.pcdarts import PCDarts
+    module, _ = supernet.lightning(Darts(order=2))
+    weights = {id(w) for w in module.weight_parameters()}
+    memo = module.strategy._arch_parameters
+    inputs = [a for label, a in memo.items() if '/input_' in label]
+    assert len(inputs) == 8 and not any(id(a) in weights for a in inputs)
+    assert not any('_memo_alpha' in key for key in module.training_module.state_dict())
+    pc, _ = supernet.lightning(PCDarts())
+    assert sum('_memo_alpha' in name for name, _ in pc.training_module.named_parameters()) == 8
+
+
+def _arch_step_gradients(module, trn, val, scaler=None):
+    """The architecture gradients as the optimizer step sees them, through the module's own ``architecture_step``;
+    with ``scaler``, as Lightning's fp16 loop drives it: ``manual_backward`` scales the loss, the step unscales."""
+    seen = []
+    opt = torch.optim.SGD(module.arch_parameters(), lr=0.0)
+    original = opt.step
+
+    def step(*args, **kwargs):
+        if scaler is not None:
+            scaler.unscale_(opt)
+        seen.append([a.grad.detach().clone() for a in module.arch_parameters()])
+        opt.step = original  # scaler.step calls optimizer.step
+        return scaler.step(opt) if scaler is not None else original(*args, **kwargs)
+
+    opt.step = step
+    module.architecture_optimizers = lambda: opt
+    module.resample = lambda: {}
+    if scaler is not None:
+        module.loss_scaler = lambda: scaler
+        module.manual_backward = lambda loss, **kwargs: scaler.scale(loss).backward(**kwargs)
+    module.architecture_step(trn, val, 0)
+    return seen[0]
+
+
+@pytest.mark.parametrize('order,clip', [(2, None), (1, 1e-3), (2, 1e-3)])
+def test_architecture_step_is_aware_of_the_loss_scaler(order, clip, supernet):
+    """With ``torch.amp.GradScaler('cpu')`` at 2**16 the gradients the architecture optimizer steps on equal the
+    unscaled fp32 ones: second-order alphas set by hand carry the scale, and the clip (P-DARTS's
+    ``arc_gradient_clip_val``) acts on the true norm."""
+    grads = []
+    for scaler in (None, torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)):
+        module, _ = supernet.lightning(Darts(order=order, arc_gradient_clip_val=clip))
+        _no_log(module)
+        _attach_optimizer(module)
+        trn, val = _batches(torch.float32)
+        grads.append(_flat(_arch_step_gradients(module, trn, val, scaler)))
+    unscaled, scaled = grads
+    if clip:
+        assert unscaled.norm() == pytest.approx(clip, rel=1e-5)
+    torch.testing.assert_close(scaled, unscaled, rtol=1e-4, atol=1e-7)

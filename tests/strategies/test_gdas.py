@@ -16,11 +16,6 @@ from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
 CONV_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
 
 
-def supernet(strategy, seed: int = 0, **space_kwargs):
-    torch.manual_seed(seed)
-    return strategy.mutate_model(tiny_space(**space_kwargs))
-
-
 def edges(net: nn.Module) -> list[GumbelMaxEdge]:
     return [m for m in net.modules() if isinstance(m, GumbelMaxEdge)]
 
@@ -43,7 +38,7 @@ def _candidate_calls_per_edge(net, edge_type) -> list[int]:
     return [calls[id(e)] for e in edges]
 
 
-def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all():
+def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all(supernet):
     from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedLayer
     from nni.nas.strategy import GumbelDARTS
     torch.manual_seed(0)
@@ -54,7 +49,7 @@ def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all():
     assert set(_candidate_calls_per_edge(net, GumbelMaxEdge)) == {1}
 
 
-def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type():
+def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type(supernet):
     net = supernet(Gdas(), num_cells=5)  # normal cells 0, 2, 4; reduction cells 1, 3
     calls: dict[int, list[str]] = defaultdict(list)
     for edge in edges(net):
@@ -71,7 +66,7 @@ def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type():
         assert len(ran_by_label) == 28 and all(len(v) == 1 for v in ran_by_label.values())
 
 
-def test_forward_value_is_the_sampled_candidate_output():
+def test_forward_value_is_the_sampled_candidate_output(supernet):
     net = supernet(Gdas()).double().eval()
     for edge in (net.cells[0].edges['4_1'], net.cells[1].edges['2_0']):
         x = torch.randn(2, 8 if edge is net.cells[0].edges['4_1'] else 16, 8, 8, dtype=torch.float64)
@@ -82,7 +77,7 @@ def test_forward_value_is_the_sampled_candidate_output():
 
 
 @pytest.mark.parametrize('tau', [10.0, 0.1])
-def test_selection_frequencies_follow_softmax_alpha(tau):
+def test_selection_frequencies_follow_softmax_alpha(tau, supernet):
     torch.manual_seed(0)
     edge = supernet(Gdas()).cells[0].edges['2_0']
     with torch.no_grad():
@@ -106,7 +101,7 @@ def _sample_a_conv(edge: GumbelMaxEdge) -> None:
     raise AssertionError('no convolution sampled')
 
 
-def test_gradients_reach_only_the_sampled_op_and_every_alpha():
+def test_gradients_reach_only_the_sampled_op_and_every_alpha(supernet):
     net = supernet(Gdas()).double()
     edge = net.cells[0].edges['3_1']
     edge.temperature = 1.0
@@ -185,7 +180,7 @@ def test_defaults():
     assert strategy.arc_betas == (0.5, 0.999) and strategy.arc_weight_decay == 1e-3 and strategy.warmup_epochs == 0
 
 
-def test_activation_memory_is_that_of_the_sampled_path():
+def test_activation_memory_is_that_of_the_sampled_path(supernet):
     """With every edge's sample forced to ``sep_conv_3x3`` (logit +50), a GDAS forward saves what a DARTS supernet
     with ``sep_conv_3x3`` as its only candidate saves (one path and its weight), not the 8-candidate mixture."""
     x = torch.randn(8, 1, 8, 8)
@@ -201,3 +196,23 @@ def test_activation_memory_is_that_of_the_sampled_path():
     single_bytes = saved_tensor_bytes(lambda: single(x).sum(), single.parameters())
     assert gdas_bytes == pytest.approx(single_bytes, rel=0.01)
     assert gdas_bytes < 0.5 * saved_tensor_bytes(lambda: full(x).sum(), full.parameters())
+
+
+def test_final_bn_relu_option_of_the_space(supernet):
+    """The official GDAS network's ``lastact``: the classifier sees ``pool(relu(bn(last cell)))``; by default
+    ``pool(last cell)``; the option adds no state to the default network."""
+    from search_spaces import DartsSpace
+    for final in (False, True):
+        space = DartsSpace(width=8, num_cells=3, dataset='digits', final_bn_relu=final)
+        net = supernet(Darts(), space=space)
+        seen = {}
+        net.cells[-1].register_forward_hook(lambda m, i, o: seen.__setitem__('cell', o.detach()))
+        net.classifier.register_forward_hook(lambda m, i, o: seen.__setitem__('pooled', i[0].detach()))
+        net(torch.randn(4, 1, 8, 8))
+        cell = seen['cell']
+        if final:
+            mean, var = cell.mean((0, 2, 3), keepdim=True), cell.var((0, 2, 3), unbiased=False, keepdim=True)
+            cell = torch.relu((cell - mean) / torch.sqrt(var + 1e-5))
+        torch.testing.assert_close(seen['pooled'], cell.mean((2, 3)), rtol=1e-4, atol=1e-5)
+    assert DartsSpace(width=8, num_cells=3, dataset='digits').state_dict().keys() == \
+        DartsSpace(width=8, num_cells=3, dataset='digits', final_bn_relu=False).state_dict().keys()

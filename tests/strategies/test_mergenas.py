@@ -24,11 +24,11 @@ def space():
 
 
 @pytest.fixture
-def supernet(space):
+def supernet(supernet, space):
+    """``supernet(strategy_name='mergenas', **kwargs)``: the shared fixture on a deep copy of the module's space."""
     def build(strategy_name: str = 'mergenas', **kwargs):
-        torch.manual_seed(0)
         strategy = create_strategy(strategy_name, **kwargs)
-        return strategy, strategy.mutate_model(copy.deepcopy(space))
+        return strategy, supernet(strategy, space=copy.deepcopy(space))
     return build
 
 

@@ -26,14 +26,17 @@ from nni_darts_variants.strategies.parsec import (
 from nni_darts_variants.testing import tiny_loaders, tiny_space
 
 
-def supernet(seed: int = 0, scale: float = 0.5, **kwargs):
-    torch.manual_seed(seed)
-    strategy = create_strategy('parsec', **kwargs)
-    model = strategy.mutate_model(tiny_space())
-    with torch.no_grad():
-        for alpha in strategy._arch_parameters.values():
-            alpha.normal_(0, scale)
-    return strategy, model
+@pytest.fixture
+def supernet(supernet):
+    """``supernet(seed=0, scale=0.5, **kwargs)``: the shared fixture's PARSEC net, logits ~ N(0, scale)."""
+    def build(seed: int = 0, scale: float = 0.5, **kwargs):
+        strategy = create_strategy('parsec', **kwargs)
+        model = supernet(strategy, seed=seed)
+        with torch.no_grad():
+            for alpha in strategy._arch_parameters.values():
+                alpha.normal_(0, scale)
+        return strategy, model
+    return build
 
 
 def choices(model, kind):
@@ -102,7 +105,7 @@ def test_importance_weights_normalized_and_shift_invariant():
     assert int(omega.argmax()) == 1
 
 
-def test_op_choice_gradient_is_weighted_onehot_minus_softmax():
+def test_op_choice_gradient_is_weighted_onehot_minus_softmax(supernet):
     _, model = supernet()
     sampled, log_priors = [], []
     for _ in range(4):
@@ -122,7 +125,7 @@ def test_op_choice_gradient_is_weighted_onehot_minus_softmax():
 
 
 @pytest.mark.parametrize('equal', [True, False])
-def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal):
+def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal, supernet):
     _, model = supernet(seed=2, scale=1.0)
     edge = choices(model, ParsecEdge)['normal/op_2_0']
     node = choices(model, ParsecNode)['normal/input_5']
@@ -149,7 +152,7 @@ def test_prior_gradient_mean_zero_iff_likelihoods_equal(equal):
 
 # ----- sampling -----
 
-def test_op_samples_follow_softmax_and_skip_none():
+def test_op_samples_follow_softmax_and_skip_none(supernet):
     _, model = supernet(seed=3)
     edge = choices(model, ParsecEdge)['normal/op_3_1']
     with torch.no_grad():
@@ -171,7 +174,7 @@ def test_op_samples_follow_softmax_and_skip_none():
     assert sum(e2.names[int(torch.multinomial(e2.op_weights().detach(), 1))] == 'none' for _ in range(50)) > 30
 
 
-def test_input_pairs_follow_sequential_draws_without_replacement():
+def test_input_pairs_follow_sequential_draws_without_replacement(supernet):
     _, model = supernet(seed=4, scale=1.0)
     node = choices(model, ParsecNode)['normal/input_5']
     p = F.softmax(node.alpha.detach().double(), -1)
@@ -190,7 +193,7 @@ def test_input_pairs_follow_sequential_draws_without_replacement():
     assert stats.chisquare(observed, [e * n / sum(expected) for e in expected]).pvalue > 1e-3
 
 
-def test_one_candidate_per_used_choice_and_unused_edges_skipped():
+def test_one_candidate_per_used_choice_and_unused_edges_skipped(supernet):
     _, model = supernet()
     calls: Counter = Counter()
     edges = [m for m in model.modules() if isinstance(m, ParsecEdge)]
@@ -243,7 +246,7 @@ def _peak_of_weight_step(model, num_samples: int):
     return counter
 
 
-def test_saved_activation_memory_does_not_grow_with_k():
+def test_saved_activation_memory_does_not_grow_with_k(supernet):
     _, model = supernet()
     with torch.no_grad():  # a (nearly) deterministic prior: every child is the same network
         for choice in choices(model, (ParsecEdge, ParsecNode)).values():
@@ -259,7 +262,7 @@ def test_saved_activation_memory_does_not_grow_with_k():
 
 # ----- export and configuration -----
 
-def test_export_is_the_mode_of_the_prior():
+def test_export_is_the_mode_of_the_prior(supernet):
     strategy, model = supernet(seed=6, scale=1.0)
     nodes = choices(model, ParsecNode)
     with torch.no_grad():

@@ -13,15 +13,10 @@ from nni_darts_variants.strategies.darts import Darts
 from nni_darts_variants.strategies.pcdarts import (
     EdgeNormalizedNode, PartialChannelEdge, PCDarts, PCDartsLightning, channel_shuffle, check_partial_channels,
 )
-from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
+from nni_darts_variants.testing import tiny_loaders
 
 OPS = ['none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect', 'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3',
        'dil_conv_5x5']
-
-
-def supernet(strategy, seed: int = 0, **space_kwargs):
-    torch.manual_seed(seed)
-    return strategy.mutate_model(tiny_space(**space_kwargs))
 
 
 def arch_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -53,7 +48,7 @@ def test_channel_shuffle_rejects_indivisible_channels():
 # ----- the partial-channel edge -----
 
 @pytest.mark.parametrize('cell_index, stride', [(0, 1), (1, 2)])
-def test_only_the_processed_slice_goes_through_the_ops(cell_index, stride):
+def test_only_the_processed_slice_goes_through_the_ops(cell_index, stride, supernet):
     net = supernet(PCDarts(partial_channels_k=4)).double()
     edge = net.cells[cell_index].edges['2_0']
     assert isinstance(edge, PartialChannelEdge) and edge.partial_channels_k == 4
@@ -70,7 +65,7 @@ def test_only_the_processed_slice_goes_through_the_ops(cell_index, stride):
     assert torch.count_nonzero(x.grad[:, :part]) > 0
 
 
-def test_candidates_are_built_at_c_over_k_channels():
+def test_candidates_are_built_at_c_over_k_channels(supernet):
     net = supernet(PCDarts(partial_channels_k=4))
     darts = supernet(Darts())
     for cell in (0, 1):
@@ -80,7 +75,7 @@ def test_candidates_are_built_at_c_over_k_channels():
         assert pc_edge['max_pool_3x3'][1].num_features == darts_edge['max_pool_3x3'][1].num_features // 4
 
 
-def test_k1_without_edge_normalization_equals_darts():
+def test_k1_without_edge_normalization_equals_darts(supernet):
     darts = supernet(Darts(), seed=1).double()
     pc = supernet(PCDarts(partial_channels_k=1, edge_normalization=False), seed=2).double()
     pc.load_state_dict(darts.state_dict())  # same weights and alphas
@@ -91,7 +86,7 @@ def test_k1_without_edge_normalization_equals_darts():
     assert torch.allclose(pc(x), darts(x), rtol=0, atol=1e-12)
 
 
-def test_partial_channels_reject_bad_widths():
+def test_partial_channels_reject_bad_widths(supernet):
     with pytest.raises(ValueError, match='not divisible by partial_channels_k=3'):
         supernet(PCDarts(partial_channels_k=3))
     spec = EdgeSpec('reduce', 2, 0, channels=12, stride=2, affine=False, pool_bn=True)
@@ -106,7 +101,7 @@ def test_partial_channels_reject_bad_widths():
 
 # ----- edge normalization -----
 
-def test_node_weights_incoming_edges_by_softmax_beta():
+def test_node_weights_incoming_edges_by_softmax_beta(supernet):
     net = supernet(PCDarts()).double()
     node = net.cells[0].inputs['4']
     assert isinstance(node, EdgeNormalizedNode) and node.beta.shape == (4,)
@@ -134,7 +129,7 @@ def _set_alphas(net: nn.Module, seed: int) -> None:
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_uniform_beta_gives_the_darts_genotype(seed):
+def test_uniform_beta_gives_the_darts_genotype(seed, supernet):
     strategy = PCDarts()
     net = supernet(strategy)
     _set_alphas(net, seed)
@@ -147,7 +142,7 @@ def test_uniform_beta_gives_the_darts_genotype(seed):
         assert module.discretize(module.edge_weights(cell)) == darts_rule(alpha_only)
 
 
-def test_beta_enters_the_genotype():
+def test_beta_enters_the_genotype(supernet):
     strategy = PCDarts()
     net = supernet(strategy)
     cell = net.cells[0]
@@ -205,7 +200,7 @@ def test_arch_parameters_frozen_until_the_warmup_boundary_and_moving_right_after
     assert all(not torch.equal(a, b) for a, b in zip(end_of_warmup, after_first_step))
 
 
-def test_defaults_and_imagenet_preset():
+def test_defaults_and_imagenet_preset(supernet):
     default = PCDarts()
     assert (default.partial_channels_k, default.warmup_epochs, default.arc_learning_rate) == (4, 15, 6e-4)
     assert default.edge_normalization and default.arc_betas == (0.5, 0.999) and default.arc_weight_decay == 1e-3
@@ -267,3 +262,24 @@ def test_partial_channels_activation_memory_follows_the_mechanism(k, supernet):
     pc = supernet(PCDarts(partial_channels_k=k, edge_normalization=False))
     measured = saved_tensor_bytes(lambda: pc(x).sum(), pc.parameters())
     assert measured == pytest.approx(expected, rel=0.01)
+
+
+def test_imagenet_search_lr_warmup_option():
+    """``train.lr_warmup_epochs`` (official ``train_search_imagenet.py`` for batches over 256): during the first
+    5 epochs the cosine LR times ``(epoch + 1) / 5``; then the plain cosine; 0 (default) is the plain cosine."""
+    import math
+    from nni_darts_variants.search.evaluator import SearchClassification
+    lr, lr_min, epochs = 0.5, 0.0, 50
+    cosine = [lr_min + (lr - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    for warmup in (0, 5):
+        module = SearchClassification(learning_rate=lr, learning_rate_min=lr_min, max_epochs=epochs,
+                                      lr_warmup_epochs=warmup)
+        module.set_model(nn.Linear(2, 2))
+        (optimizer,), (config,) = module.configure_optimizers()
+        seen = []
+        for _ in range(epochs):
+            seen.append(optimizer.param_groups[0]['lr'])
+            optimizer.step()
+            config['scheduler'].step()
+        expected = [c * ((e + 1) / warmup if e < warmup else 1.0) for e, c in enumerate(cosine)]
+        assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12)

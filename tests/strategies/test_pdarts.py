@@ -224,18 +224,17 @@ def test_limit_keeps_a_skip_that_has_no_alternative():
 
 # ----- the edge ------------------------------------------------------------------------------------------------------
 
-def _supernet_edges():
-    strategy = create_strategy('pdarts')
-    net = strategy.mutate_model(tiny_space())
+def _supernet_edges(supernet):
+    net = supernet(create_strategy('pdarts'))
     normal = net.cells[0].edge(2, 0)  # stride 1: Identity
     reduce = net.cells[1].edge(2, 0)  # stride 2: FactorizedReduce
     assert isinstance(normal, PDartsEdge) and isinstance(reduce, PDartsEdge)
     return net, normal, reduce
 
 
-def test_skip_dropout_only_on_stride1_identity():
+def test_skip_dropout_only_on_stride1_identity(supernet):
     torch.manual_seed(0)
-    net, normal, reduce = _supernet_edges()
+    net, normal, reduce = _supernet_edges(supernet)
     x = torch.rand(4, 8, 8, 8) + 1.0
     net.train()
     normal.skip_dropout = reduce.skip_dropout = 0.5
@@ -248,9 +247,9 @@ def test_skip_dropout_only_on_stride1_identity():
     assert torch.equal(normal.candidate_output('skip_connect', x), x)
 
 
-def test_edge_without_dropout_is_the_darts_mixture():
+def test_edge_without_dropout_is_the_darts_mixture(supernet):
     torch.manual_seed(0)
-    _, normal, _ = _supernet_edges()
+    _, normal, _ = _supernet_edges(supernet)
     normal.skip_dropout = 0.0
     x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
     normal.double().eval()

@@ -16,14 +16,17 @@ from nni_darts_variants.strategies.proxyless import (ProxylessEdge, ProxylessLig
 from nni_darts_variants.testing import tiny_space
 
 
-def supernet(mode: str = 'two', seed: int = 0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    strategy = create_strategy('proxyless', grad_binary_mode=mode)
-    model = strategy.mutate_model(tiny_space()).to(dtype)
-    with torch.no_grad():
-        for alpha in strategy._arch_parameters.values():
-            alpha.normal_(0, 0.5)
-    return strategy, model
+@pytest.fixture
+def supernet(supernet):
+    """``supernet(mode='two', seed=0, dtype=float64)``: the shared fixture's ProxylessNAS net, alphas ~ N(0, 0.5)."""
+    def build(mode: str = 'two', seed: int = 0, dtype=torch.float64):
+        strategy = create_strategy('proxyless', grad_binary_mode=mode)
+        model = supernet(strategy, seed=seed, dtype=dtype)
+        with torch.no_grad():
+            for alpha in strategy._arch_parameters.values():
+                alpha.normal_(0, 0.5)
+        return strategy, model
+    return build
 
 
 def edges(model) -> list[ProxylessEdge]:
@@ -58,7 +61,7 @@ def candidate_grads(edge):
 
 
 @pytest.mark.parametrize('phase,expected', [('weight', 1), ('arch', 2)])
-def test_candidates_run_per_edge(phase, expected):
+def test_candidates_run_per_edge(phase, expected, supernet):
     _, model = supernet('two')
     resample(model, phase)
     calls, handles = count_candidate_calls(model)
@@ -70,7 +73,7 @@ def test_candidates_run_per_edge(phase, expected):
 
 
 @pytest.mark.parametrize('phase', ['weight', 'arch'])
-def test_only_active_path_weights_get_gradients(phase):
+def test_only_active_path_weights_get_gradients(phase, supernet):
     _, model = supernet('two')
     resample(model, phase)
     loss_of(model).backward()
@@ -81,7 +84,7 @@ def test_only_active_path_weights_get_gradients(phase):
             assert edge.alpha.grad is None
 
 
-def test_weight_step_same_sample_for_a_label():
+def test_weight_step_same_sample_for_a_label(supernet):
     _, model = supernet()
     resample(model, 'weight')
     by_label: dict = {}
@@ -91,7 +94,7 @@ def test_weight_step_same_sample_for_a_label():
     assert len(by_label) < len(edges(model)), 'cells of a type must share labels in the tiny space'
 
 
-def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero():
+def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero(supernet):
     _, model = supernet('two')
     resample(model, 'arch')
     loss_of(model).backward()
@@ -105,7 +108,7 @@ def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero():
     assert any(float(e.alpha.grad.abs().sum()) > 0 for e in unique_edges(model.modules()))
 
 
-def test_two_path_update_keeps_unsampled_probabilities():
+def test_two_path_update_keeps_unsampled_probabilities(supernet):
     strategy, model = supernet('two')
     resample(model, 'arch')
     uniq = unique_edges(model.modules())
@@ -148,7 +151,7 @@ def test_gate_gradient_is_softmax_jacobian():
     assert abs(float(ours.sum())) < 1e-14
 
 
-def test_full_v2_equals_darts_gradient_for_linear_loss():
+def test_full_v2_equals_darts_gradient_for_linear_loss(supernet):
     _, model = supernet('full_v2')
     edge = edges(model)[0]
     assert edge.label == 'normal/op_2_0'  # stride 1, width 8 in the tiny space
@@ -171,7 +174,7 @@ def test_full_v2_equals_darts_gradient_for_linear_loss():
     assert abs(float(ours.sum())) < 1e-10
 
 
-def test_weight_sampling_follows_softmax():
+def test_weight_sampling_follows_softmax(supernet):
     _, model = supernet(dtype=torch.float32)
     edge = edges(model)[0]
     edge.phase = 'weight'
@@ -184,7 +187,7 @@ def test_weight_sampling_follows_softmax():
     assert stats.chisquare(observed, expected).pvalue > 1e-3
 
 
-def test_zero_active_keeps_alpha_gradient_none():
+def test_zero_active_keeps_alpha_gradient_none(supernet):
     _, model = supernet('full_v2')
     resample(model, 'arch')
     uniq = unique_edges(model.modules())
@@ -195,7 +198,7 @@ def test_zero_active_keeps_alpha_gradient_none():
     assert all(e.alpha.grad is None for e in uniq)
 
 
-def test_export_is_argmax_not_a_sample():
+def test_export_is_argmax_not_a_sample(supernet):
     strategy, model = supernet()
     module = ProxylessLightning(model, strategy)
     first = module.export()
