@@ -16,7 +16,7 @@ from nni.nas.hub.pytorch import ProxylessNAS as HubProxylessNAS
 from nni.nas.oneshot.pytorch.profiler import ExpectationProfilerPenalty
 from nni.nas.profiler.pytorch.flops import FlopsProfiler, NumParamsProfiler
 
-from nni_darts_variants.cost import build_cost_table, cost_from_config
+from nni_darts_variants.cost import HardwareCost, build_cost_table, cost_from_config
 from nni_darts_variants.cost.penalty import add_linear, mul_log
 from nni_darts_variants.registry import create_strategy, get_strategy, list_strategies
 from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
@@ -269,3 +269,14 @@ def test_proxyless_runs_the_weight_step_before_the_arch_step(monkeypatch):
                             lambda self, *a, _real=real, _name=step: steps.append(_name) or _real(self, *a))
     run_tiny_search(create_strategy('proxyless', arch_update_every=2), loaders=tiny_loaders(n=40, batch_size=8))
     assert steps[:5] == ['weight_step', 'weight_step', 'architecture_step', 'weight_step', 'weight_step']
+
+
+@pytest.mark.parametrize('path', sorted(__import__('pathlib').Path(__file__).resolve().parents[1]
+                                        .joinpath('experiments', 'cost').glob('*.yml')), ids=lambda p: p.name)
+def test_cost_recipes_resolve_and_build(path):
+    from nni_darts_variants.registry import build_space
+    from nni_darts_variants.search import resolve_config
+    cfg = resolve_config(path)
+    strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
+    assert isinstance(strategy.penalty, HardwareCost) and strategy.penalty.target > 1
+    build_space(cfg['space']['name'], **cfg['space']['args'])
