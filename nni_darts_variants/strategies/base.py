@@ -26,7 +26,8 @@ from search_spaces.cell import DartsCell, edge_label, input_label
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 
-__all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of']
+__all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of', 'keep_zero_gradients',
+           'check_weight_grad_reset', 'WEIGHT_GRAD_RESETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +35,36 @@ _logger = logging.getLogger(__name__)
 def loss_of(step_output: Any) -> torch.Tensor:
     """The loss in what a Lightning ``training_step`` returned (a tensor or a dict with ``'loss'``)."""
     return step_output['loss'] if isinstance(step_output, dict) else step_output
+
+
+#: How the weight gradients are reset between steps: ``'zeros'`` as ``zero_grad()`` of PyTorch 1.x (the official
+#: code of the sampling variants), ``'none'`` as PyTorch 2 and Lightning.
+WEIGHT_GRAD_RESETS = ('zeros', 'none')
+
+
+def check_weight_grad_reset(value: str) -> str:
+    if value not in WEIGHT_GRAD_RESETS:
+        raise ValueError(f'weight_grad_reset must be one of {WEIGHT_GRAD_RESETS}, got {value!r}')
+    return value
+
+
+def keep_zero_gradients(optimizer: torch.optim.Optimizer, parameters: Sequence[nn.Parameter]) -> Any:
+    """Make ``optimizer`` see PyTorch 1.x's ``zero_grad()``: a parameter that once had a gradient has a zero one,
+    not ``None``, at every later step, so momentum and weight decay keep acting on it when it is not used.
+
+    Installed as a step pre-hook (Lightning's ``zero_grad`` sets ``None``); returns the hook handle.
+    """
+    seen: set[int] = set()
+    parameters = list(parameters)
+
+    def fill_zeros(opt: Any, args: Any, kwargs: Any) -> None:
+        for p in parameters:
+            if p.grad is not None:
+                seen.add(id(p))
+            elif id(p) in seen:
+                p.grad = torch.zeros_like(p)
+
+    return optimizer.register_step_pre_hook(fill_zeros)
 
 
 def example_input(batch: Any) -> torch.Tensor:
