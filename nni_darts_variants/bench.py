@@ -16,7 +16,8 @@ strategy uses):
   the first use of the libraries would land in the first row (a discarded run of it comes first unless
   ``prime=False``).
 * ``step_seconds``: the median wall time of the timed steps (after the warm-up, no saved-tensor hooks; CUDA is
-  synchronized around each step).
+  synchronized around each step). ``step_cpu_seconds``: the median CPU time of the main thread over the same steps
+  (on CPU with one intra-op thread, the work of the step: it is far less sensitive to other jobs on the machine).
 * ``params``: parameters of the supernet (weights and architecture parameters).
 
 Each figure also gets its ratio to our DARTS (row ``darts``) and to NNI's DARTS (row ``nni-darts``).
@@ -74,6 +75,7 @@ class BenchConfig:
     device: str = 'auto'
     dtype: str = 'float32'
     channels_last: bool = False
+    compile: bool = False
     steps: int = 5
     warmup: int = 2
     seed: int = 0
@@ -110,7 +112,8 @@ class BenchConfig:
 # Measuring (the memory accounting is in :mod:`nni_darts_variants.memory`)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int) -> Any:
+def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_baseline: int,
+               compile: bool = False) -> Any:
     """A Lightning callback measuring each ``training_step`` (see the module docstring)."""
     import pytorch_lightning as pl
 
@@ -119,8 +122,10 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             self.activation: list[int] = []
             self.saved: list[int] = []
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
             self.peaks: list[int] = []
             self.params = self.arch_params = 0
+            self.first_seconds = 0.0
             self._counter: LiveSavedTensorCounter | None = None
             self._hooks: Any = None
             self._sampler = RssSampler()
@@ -129,6 +134,9 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if channels_last:
                 pl_module.to(memory_format=torch.channels_last)
+            if compile:
+                from .speed import compile_supernet
+                compile_supernet(pl_module)
             arch = pl_module.arch_parameters() if hasattr(pl_module, 'arch_parameters') else []
             self.params = sum(p.numel() for p in pl_module.parameters())
             self.arch_params = sum(p.numel() for p in arch)
@@ -148,10 +156,14 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
             else:
                 self._sampler.start()
             self._start = time.perf_counter()
+            self._cpu_start = time.thread_time()
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._sync()
             seconds = time.perf_counter() - self._start
+            cpu_seconds = time.thread_time() - self._cpu_start
+            if batch_idx == 0:
+                self.first_seconds = seconds  # with --compile: the compilation, under the saved-tensor hooks
             if batch_idx < warmup:
                 self._hooks.__exit__(None, None, None)
                 self.activation.append(self._counter.peak_bytes)
@@ -159,6 +171,7 @@ def step_meter(warmup: int, steps: int, device: str, channels_last: bool, rss_ba
                 self._counter = self._hooks = None
                 return
             self.seconds.append(seconds)
+            self.cpu_seconds.append(cpu_seconds)
             if batch_idx + 1 >= warmup + steps:
                 trainer.should_stop = True
             if device == 'cuda':
@@ -201,10 +214,7 @@ def bench_loaders(cfg: BenchConfig, batch_size: int, num_classes: int = 10) -> d
 
 def _bench_kwargs(klass: type) -> tuple[dict[str, Any], list[str]]:
     """Overrides that make every batch a full search step (architecture and weights); and notes saying so."""
-    from .registry import strategy_parameters
-    params = strategy_parameters(klass)
-    wanted = {'warmup_epochs': 0, 'stage_warmup_epochs': 0, 'arch_update_every': 1}
-    kwargs = {k: v for k, v in wanted.items() if k in params and params[k].default != v}
+    kwargs = dict(klass.full_step_kwargs())
     return kwargs, [f'{k}={v}' for k, v in kwargs.items()]
 
 
@@ -256,7 +266,7 @@ def build_row_module(row: str, cfg: BenchConfig) -> tuple[Any, Any, int, str]:
     strategy, note = build_row_strategy(row)
     space = DartsSpace(width=cfg.width, num_cells=cfg.num_cells, dataset='cifar10')
     strategy.mutate_model(space)
-    epochs = getattr(strategy, 'total_epochs', SEARCH_EPOCHS)
+    epochs = strategy.required_max_epochs() or SEARCH_EPOCHS
     module = strategy.configure_oneshot_module(SearchClassification(num_classes=10, max_epochs=epochs))
     module.set_model(space)
     return strategy, module, epochs, note
@@ -277,7 +287,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
     baseline = rss()
     pl.seed_everything(cfg.seed, verbose=False)
     strategy, module, epochs, note = build_row_module(row, cfg)
-    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline)
+    meter = step_meter(cfg.warmup, cfg.steps, cfg.device, cfg.channels_last, baseline, cfg.compile)
     bench_trainer(cfg, epochs, [meter]).fit(module, train_dataloaders=bench_loaders(cfg, batch_size))
     if len(meter.seconds) < cfg.steps:
         raise RuntimeError(f'only {len(meter.seconds)} of {cfg.steps} timed steps ran')
@@ -286,6 +296,7 @@ def _measure(row: str, cfg: BenchConfig, batch_size: int) -> dict[str, Any]:
             'activation_bytes': max(meter.activation), 'saved_bytes': max(meter.saved),
             'peak_bytes': max(meter.peaks), 'peak_kind': 'cuda_max_allocated' if cfg.device == 'cuda' else 'rss',
             'step_seconds': statistics.median(meter.seconds), 'step_seconds_all': meter.seconds,
+            'first_step_seconds': meter.first_seconds, 'step_cpu_seconds': statistics.median(meter.cpu_seconds),
             'params': meter.params, 'arch_params': meter.arch_params}
 
 

@@ -31,6 +31,8 @@ def _config_argv(cfg: BenchConfig) -> list[str]:
             '--max-batch-metric', cfg.max_batch_metric, '--probe-batches', *map(str, cfg.probe_batches)]
     if cfg.channels_last:
         argv.append('--channels-last')
+    if cfg.compile:
+        argv.append('--compile')
     if not cfg.prime:
         argv.append('--no-prime')
     if cfg.max_batch is not None:
@@ -74,9 +76,11 @@ def format_table(rows: list[dict[str, Any]], cfg: BenchConfig | None = None) -> 
               else '  '.join(r) for r in body]
     if cfg is not None:
         lines.append(f'(ratio to darts / to nni-darts; step vs NNI: our step over NNI\'s row of the same algorithm, '
-                     f'{", ".join(f"{a}/{b}" for a, b in COUNTERPARTS.items())}) batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}, '
+                     f'{", ".join(f"{a}/{b}" for a, b in COUNTERPARTS.items())}) '
+                     f'batch {cfg.batch_size}, {cfg.image_size}x{cfg.image_size}, '
                      f'width {cfg.width}, {cfg.num_cells} cells, {cfg.device}, {cfg.dtype}'
-                     f'{", channels_last" if cfg.channels_last else ""}; median of {cfg.steps} steps after '
+                     f'{", channels_last" if cfg.channels_last else ""}{", compiled" if cfg.compile else ""}; '
+                     f'median of {cfg.steps} steps after '
                      f'{cfg.warmup} warm-up')
     return '\n'.join(lines)
 
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--dtype', default='float32', choices=list(PRECISION),
         help='float32, or autocast mixed precision (bfloat16; float16 with GradScaler, CUDA only)')
     add('--channels-last', action='store_true', help='channels_last memory format for the supernet and inputs')
+    add('--compile', action='store_true',
+        help='torch.compile the supernet forward (first_step_seconds in the JSON includes the compilation)')
     add('--steps', type=int, help='timed steps, median reported (quick 2, --paper 5)')
     add('--warmup', type=int, help='warm-up steps, where activations are counted (quick 1, --paper 2)')
     add('--seed', type=int, default=0)
@@ -140,7 +146,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PRESETS[args.preset].items()}
     cfg = BenchConfig(strategies=args.strategies, width=args.width, num_cells=args.num_cells,
                       image_size=args.image_size, device=args.device, dtype=args.dtype,
-                      channels_last=args.channels_last, **sizes, seed=args.seed,
+                      channels_last=args.channels_last, compile=args.compile, **sizes, seed=args.seed,
                       isolate=args.isolate, max_batch=int(args.max_batch) if args.max_batch else None,
                       max_batch_metric=args.max_batch_metric, probe_batches=tuple(args.probe_batches),
                       prime=args.prime)

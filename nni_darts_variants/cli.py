@@ -72,6 +72,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f'nni-darts search: {stop}', file=sys.stderr)
         return stop.exit_code
     print(f'architecture: {result.genotype if result.genotype is not None else result.sample}')
+    nb201 = result.metrics.get('nb201')
+    if nb201:
+        print(f'NAS-Bench-201 cell: {nb201["arch"]}, CIFAR-10 test accuracy {nb201["cifar10_test"]} (table: '
+              f'{nb201["table"]}, percentile {nb201["percentile"]})')
     evaluation = result.metrics.get('evaluate')
     if evaluation:
         print(f'retrained from scratch: test accuracy {evaluation["test_acc"]:.4f} '

@@ -1,6 +1,7 @@
 """Datasets for searching: the embedded digits, CIFAR-10, any ImageFolder tree, and synthetic data.
 
-Every dataset yields a training set (split 50/50 into the weight half and the architecture half, as in DARTS) and a
+An unreadable image in an ImageFolder tree stops the search with a :class:`DataError` naming the file
+(:func:`load_image`). Every dataset yields a training set (split 50/50 into the weight half and the architecture half, as in DARTS) and a
 held-out test set. Nothing is downloaded unless ``download=True``; a missing dataset is a :class:`DataError` naming
 the path and the fix.
 """
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = ['DataError', 'SearchData', 'build_search_data', 'DATASETS', 'split_indices', 'class_balanced_subsets',
-           'SUBSETS']
+           'SUBSETS', 'DecodedImages', 'decoded_in_memory', 'load_image']
 
 _logger = logging.getLogger(__name__)
 
@@ -141,6 +142,18 @@ def _cifar10(root: str | None, download: bool, image_size: int | None, seed: int
     return train, test, 3, 10
 
 
+def load_image(path: str) -> Any:
+    """An ImageFolder image as RGB; a corrupt or truncated file is a :class:`DataError` naming it (not skipped: a
+    silently smaller dataset would change the search, and the user can fix the file and resume)."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')  # convert() decodes the whole image: truncation shows here
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for unreadable, truncated or corrupt files
+        raise DataError(f'cannot read the image {path} ({err}); replace or remove the file, then resume the search '
+                        '(--resume RUN_DIR)') from None
+
+
 def _imagefolder(root: str | None, download: bool, image_size: int | None, seed: int, imagenet: bool = False):
     from torchvision.datasets import ImageFolder
     if not root:
@@ -153,8 +166,9 @@ def _imagefolder(root: str | None, download: bool, image_size: int | None, seed:
     test_dir = next((base / d for d in ('test', 'val') if (base / d).is_dir()), None)
     size = image_size or (224 if imagenet else 32)
     try:
-        train = ImageFolder(str(train_dir), transform=_transforms(size, True, imagenet))
-        test = ImageFolder(str(test_dir), transform=_transforms(size, False, imagenet)) if test_dir else None
+        train = ImageFolder(str(train_dir), transform=_transforms(size, True, imagenet), loader=load_image)
+        test = ImageFolder(str(test_dir), transform=_transforms(size, False, imagenet),
+                           loader=load_image) if test_dir else None
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f'{train_dir} holds no images in class folders ({str(err).splitlines()[0]}); '
                         'an ImageFolder tree is root/train/<class>/<image>') from None
@@ -170,6 +184,79 @@ def _synthetic(root: str | None, download: bool, image_size: int | None, seed: i
                                                                              seed=seed + 1), 3, 10
 
 
+#: The most bytes of decoded images :func:`decoded_in_memory` keeps (``data.in_memory``).
+IN_MEMORY_BYTES = 2 * 2 ** 30
+
+
+class DecodedImages(Dataset):
+    """A torchvision image dataset whose images are decoded once and kept, the random augmentation drawn per access.
+
+    The dataset's ``transform`` (a ``Compose``) is cut into a deterministic PIL prefix (``Resize``, ``CenterCrop``),
+    random crops and flips, and ``ToTensor`` + ``Normalize``. The first access of an image runs the prefix and keeps
+    the result as a ``uint8`` tensor; every access then applies the same crop and flip objects to that tensor (they
+    draw the same random numbers, and zero padding of a ``uint8`` tensor equals PIL's), then ``ToTensor``'s
+    ``/ 255`` and ``Normalize``: the samples equal the dataset's own, bitwise, for the same random state.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Any, prefix: Any, augment: list, normalize: Any):
+        self.dataset, self.indices = dataset, list(indices)
+        self.prefix, self.augment, self.normalize = prefix, augment, normalize
+        self._images: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _decoded(self, index: int) -> tuple[torch.Tensor, Any]:
+        if index not in self._images:
+            from torchvision.transforms.functional import pil_to_tensor
+            original = self.dataset.transform
+            self.dataset.transform = self.prefix
+            try:
+                image, target = self.dataset[self.indices[index]]
+            finally:
+                self.dataset.transform = original
+            self._images[index] = (pil_to_tensor(image), target)
+        return self._images[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self._decoded(index)
+        for op in self.augment:
+            image = op(image)
+        return self.normalize(image.to(torch.get_default_dtype()).div(255)), target
+
+
+def _split_transform(transform: Any) -> tuple[Any, list, Any] | None:
+    """``(prefix, augment, normalize)`` of a ``Compose`` :class:`DecodedImages` can replay exactly, else ``None``."""
+    from torchvision import transforms as T
+    ops = list(getattr(transform, 'transforms', ()))
+    if len(ops) < 2 or not isinstance(ops[-2], T.ToTensor) or not isinstance(ops[-1], T.Normalize):
+        return None
+    body = ops[:-2]
+    n_prefix = next((i for i, op in enumerate(body) if not isinstance(op, (T.Resize, T.CenterCrop))), len(body))
+    augment = body[n_prefix:]
+    if not all(type(op) in (T.RandomCrop, T.RandomHorizontalFlip) for op in augment):
+        return None
+    if any(isinstance(op, T.RandomCrop) and op.padding_mode != 'constant' for op in augment):
+        return None
+    return T.Compose(body[:n_prefix]), augment, ops[-1]
+
+
+def decoded_in_memory(dataset: Dataset, max_bytes: int = IN_MEMORY_BYTES) -> Dataset:
+    """``dataset`` (or a ``Subset`` of one) as :class:`DecodedImages` when its transform allows an exact replay and
+    its decoded images fit in ``max_bytes``; otherwise ``dataset`` itself."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset,
+                                                                                             range(len(dataset)))
+    plan = _split_transform(getattr(base, 'transform', None))
+    if plan is None or len(indices) == 0:
+        return dataset
+    cached = DecodedImages(base, indices, *plan)
+    first = cached._decoded(0)[0]
+    if first.numel() * first.element_size() * len(cached) > max_bytes:
+        _logger.info('data: %d decoded images exceed %d bytes; decoding every epoch', len(cached), max_bytes)
+        return dataset
+    return cached
+
+
 DATASETS = {
     'digits': (_digits, "scikit-learn's bundled handwritten digits, 1x8x8, 10 classes (no download)"),
     'cifar10': (_cifar10, 'CIFAR-10 through torchvision (download only with data.download=true)'),
@@ -182,13 +269,15 @@ DATASETS = {
 def build_search_data(name: str, root: str | None = None, download: bool = False, batch_size: int = 64,
                       train_portion: float = 0.5, num_workers: int = 0, image_size: int | None = None,
                       limit: int | None = None, seed: int = 0, test_batch_size: int | None = None,
-                      subset: str | None = None, weight_fraction: float = 0.1, arch_fraction: float = 0.025
-                      ) -> SearchData:
+                      subset: str | None = None, weight_fraction: float = 0.1, arch_fraction: float = 0.025,
+                      in_memory: bool = True) -> SearchData:
     """Build the loaders of a search on dataset ``name`` (see :data:`DATASETS`).
 
     With ``subset='pcdarts'`` (ImageFolder data such as ``'imagenet'``), the weight and architecture halves are
     disjoint class-balanced random subsets holding ``weight_fraction`` and ``arch_fraction`` of each class's
     training images (:func:`class_balanced_subsets`) instead of the ``train_portion`` split; ``limit`` must be unset.
+    With ``in_memory`` the training images are decoded once and kept when they fit (:func:`decoded_in_memory`; the
+    same samples, bitwise).
     """
     if name not in DATASETS:
         raise DataError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
@@ -203,6 +292,8 @@ def build_search_data(name: str, root: str | None = None, download: bool = False
     else:
         train = _limit(train, limit, seed)
         w_idx, a_idx = split_indices(len(train), train_portion, seed)
+    if in_memory:
+        train = decoded_in_memory(train)
     generator = torch.Generator().manual_seed(seed)
     common = {'num_workers': num_workers, 'persistent_workers': num_workers > 0}
     train_loader = DataLoader(Subset(train, w_idx), batch_size=batch_size, shuffle=True, drop_last=False,

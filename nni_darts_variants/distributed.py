@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -89,12 +90,13 @@ def is_global_zero() -> bool:
     """Whether this process is global rank 0 (the one that writes files); true when not distributed.
 
     Before the process group exists, the rank comes from the launcher's environment (``RANK``/``LOCAL_RANK``), as
-    Lightning reads it at import.
+    Lightning reads it at import, and the machine's from ``NODE_RANK`` (or torchrun's ``GROUP_RANK``).
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
-    return getattr(rank_zero_only, 'rank', 0) == 0
+    node_rank = int(os.environ.get('NODE_RANK') or os.environ.get('GROUP_RANK') or 0)  # several machines
+    return getattr(rank_zero_only, 'rank', 0) == 0 and node_rank == 0
 
 
 def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:

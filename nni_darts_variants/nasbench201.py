@@ -19,7 +19,6 @@ import csv
 import gzip
 import io
 import itertools
-import json
 import logging
 import statistics
 from collections.abc import Iterator, Mapping
@@ -253,5 +252,6 @@ def export_nb201(sample: Mapping[str, Any], run_dir: str | Path | None = None,
         _logger.warning('no NAS-Bench-201 accuracy for %s: %s', arch, err)
     _logger.info('NAS-Bench-201 cell %s: CIFAR-10 test accuracy %s', arch, record['cifar10_test'])
     if run_dir is not None:
-        Path(run_dir, 'nb201.json').write_text(json.dumps(record, indent=1) + '\n')
+        from .atomic import atomic_write_json
+        atomic_write_json(Path(run_dir, 'nb201.json'), record)
     return record

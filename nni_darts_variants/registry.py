@@ -41,17 +41,27 @@ def _available(module: str) -> bool:
 
 
 def register_strategy(cls: type | None = None, *, name: str | None = None) -> Any:
-    """Register a strategy class under ``name`` (default: its ``name`` attribute). Usable as a decorator.
+    """Register a strategy class under ``name``. Usable as a decorator.
 
-    A name that is already taken (by a registered class or a built-in) raises ``ValueError``.
+    A built-in class (its module is listed in :data:`BUILTIN_STRATEGIES`) takes its name and description from there,
+    the one place they are written: the decorator sets the class attributes ``name`` and ``description``. Another
+    class is registered under ``name`` or its ``name`` attribute. A name that is already taken (by a registered
+    class or a built-in) raises ``ValueError``.
     """
     def _register(klass: type) -> type:
-        key = name or getattr(klass, 'name', '')
+        builtin = [key for key, (module, _) in BUILTIN_STRATEGIES.items() if module == klass.__module__]
+        key = name or vars(klass).get('name') or (builtin[0] if len(builtin) == 1 else getattr(klass, 'name', ''))
         if not key:
             raise ValueError(f'{klass.__name__} has no name; pass name=... or set the class attribute `name`')
-        builtin = BUILTIN_STRATEGIES.get(key)
-        if key in _registry or (builtin is not None and builtin[0] != klass.__module__):
+        entry = BUILTIN_STRATEGIES.get(key)
+        if key in _registry or (entry is not None and entry[0] != klass.__module__):
             raise ValueError(f'a strategy named {key!r} is already registered; choose another name')
+        if entry is not None:
+            for attr, value in (('name', key), ('description', entry[1])):
+                if vars(klass).get(attr, value) != value:
+                    raise ValueError(f'{klass.__name__}.{attr} = {vars(klass)[attr]!r} differs from the registry '
+                                     f'({value!r}); write it only in registry.BUILTIN_STRATEGIES')
+                setattr(klass, attr, value)
         _registry[key] = klass
         return klass
     return _register(cls) if cls is not None else _register
@@ -118,6 +128,8 @@ BUILTIN_SPACES: dict[str, tuple[str, str, str]] = {
                      'ProxylessNAS MobileNetV2-style space: 21 blocks, MBConv expand 3/6 x kernel 3/5/7, zero option'),
     'nasbench201': ('search_spaces.nasbench201', 'NasBench201Space',
                     'NAS-Bench-201 search network: 3 stages of N cells, 6 edges x 5 ops shared, scored by table lookup'),
+    'nni-hub': ('search_spaces.nni_hub', 'NniHubSpace',
+                "NNI's own hub spaces by name (args: {name: DARTS | NASNet | ENAS | ProxylessNAS | ..., its arguments})"),
 }
 
 #: The DartsSpace preset that suits each dataset of ``nni_darts_variants.data``.
@@ -130,6 +142,15 @@ def list_spaces() -> dict[str, str]:
     return {name: desc for name, (module, _, desc) in sorted(BUILTIN_SPACES.items()) if _available(module)}
 
 
+def init_signature(klass: type) -> inspect.Signature:
+    """The constructor signature of a model-space class (``self`` included).
+
+    NNI's ``ModelSpace`` wraps ``__init__`` as ``(*args, **kwargs)`` and keeps the original in the private
+    ``_init_wrapped``; there is no public accessor, so this is the one place that reads it (checked against NNI 3.0).
+    """
+    return inspect.signature(getattr(klass, '_init_wrapped', None) or klass.__init__)
+
+
 def get_space(name: str) -> type:
     if name not in BUILTIN_SPACES or not _available(BUILTIN_SPACES[name][0]):
         raise ValueError(f'unknown search space {name!r}; valid spaces: {", ".join(list_spaces())}')
@@ -137,15 +158,15 @@ def get_space(name: str) -> type:
     return getattr(importlib.import_module(module), cls_name)
 
 
-def build_space(name: str, *, in_channels: int | None = None, num_classes: int | None = None,
+def build_space(name: str, /, *, in_channels: int | None = None, num_classes: int | None = None,
                 dataset_hint: str | None = None, **kwargs: Any) -> Any:
     """Build the space ``name`` for data with ``in_channels`` and ``num_classes``; unknown or clashing arguments
     are errors naming them."""
     klass = get_space(name)
-    init = getattr(klass, '_init_wrapped', None) or klass.__init__
-    params = {k for k in inspect.signature(init).parameters if k != 'self'}
+    signature = init_signature(klass).parameters
+    params = {k for k, p in signature.items() if k != 'self' and p.kind is not p.VAR_KEYWORD}
     unknown = sorted(set(kwargs) - params)
-    if unknown:
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in signature.values()):  # **args: the space checks them
         raise TypeError(f'space {name!r} got unknown argument(s) {unknown}; valid arguments: {", ".join(sorted(params))}')
     if 'dataset' in params and 'dataset' not in kwargs and dataset_hint in _DATASET_TO_PRESET:
         kwargs['dataset'] = _DATASET_TO_PRESET[dataset_hint]

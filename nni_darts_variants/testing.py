@@ -60,9 +60,8 @@ def tiny_evaluator(max_epochs: int = 1, num_classes: int = 10, callbacks: list |
 
 
 def quick_kwargs(strategy_class: type) -> dict[str, Any]:
-    """Keyword arguments for a one-epoch smoke search of ``strategy_class`` (its ``quick_kwargs`` hook)."""
-    hook = getattr(strategy_class, 'quick_kwargs', None)
-    return dict(hook()) if callable(hook) else {'warmup_epochs': 0}
+    """Keyword arguments for a one-epoch smoke search of ``strategy_class`` (its ``smoke_kwargs`` hook)."""
+    return dict(strategy_class.smoke_kwargs())
 
 
 class ArchSnapshot:

@@ -17,7 +17,8 @@ run_search`), and
 
 The run folder (genotype.json, sample.json, alphas, metrics) is ``$NNI_OUTPUT_DIR/search`` inside an NNI trial,
 or ``--output`` / the recipe's ``output.dir`` / ``runs/...`` outside one. A search that fails raises, so the trial
-exits non-zero and NNI marks it FAILED. Outside NNI (no tuner), ``get_next_parameter()`` gives nothing and the
+exits non-zero and NNI marks it FAILED. ``nnictl stop`` sends the trial SIGTERM: the step in progress finishes, a
+checkpoint is written, the trial exits with 143, and a trial started again on that folder resumes it. Outside NNI (no tuner), ``get_next_parameter()`` gives nothing and the
 trial is a plain search, which makes this module easy to try by hand.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -153,16 +153,23 @@ class DartsCell(MutableModule):
         key = f'{node}_{j}'
         return self.edges[key] if key in self.edges else None
 
+    def iter_edges(self) -> Iterator[tuple[int, int, nn.Module]]:
+        """``(node, j, module)`` of every built edge, node by node and input by input (a frozen cell skips the
+        edges it did not build)."""
+        for node in self.node_indices:
+            for j in range(node):
+                edge = self.edge(node, j)
+                if edge is not None:
+                    yield node, j, edge
+
     def freeze(self, sample: dict[str, Any]) -> nn.Module:
         """The discrete cell of ``sample``: chosen operations, and only the two chosen edges of each node."""
         frozen, replaced = recursive_freeze(self, sample, include_root=False)
         if not replaced:
             frozen = copy.deepcopy(self)
-        for node in frozen.node_indices:
-            chosen = set(frozen.inputs[str(node)].chosen)
-            for j in range(node):
-                if j not in chosen and f'{node}_{j}' in frozen.edges:
-                    del frozen.edges[f'{node}_{j}']
+        for node, j, _ in list(frozen.iter_edges()):
+            if j not in set(frozen.inputs[str(node)].chosen):
+                del frozen.edges[f'{node}_{j}']
         return frozen
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ def test_tiny_bench_returns_every_field_for_ours_and_nni(tiny_report):
             assert row[f'{figure}_vs_darts'] is not None and row[f'{figure}_vs_nni'] is not None
     assert rows['nni-darts']['source'] == 'nni' and rows['darts']['source'] == 'ours'
     assert all(row['arch_params'] > 0 for row in rows.values())
+    assert all(0 < row['step_cpu_seconds'] and 0 < row['first_step_seconds'] for row in rows.values())
 
 
 def test_ratios_to_the_reference_rows_are_one(tiny_report):
@@ -217,12 +218,12 @@ def test_bf16_autocast_and_channels_last_keep_the_search_step_finite(row):
 
 
 def test_isolated_child_gets_the_same_config():
-    """``--isolate`` re-runs each row as ``python -m nni_darts_variants.bench`` with the config as arguments."""
+    """``--isolate`` re-runs each row as ``python -m nni_darts_variants.bench_cli`` with the config as arguments."""
     cfg = BenchConfig(**{**TINY_CFG, 'strategies': ['darts'], 'dtype': 'bfloat16', 'channels_last': True,
-                         'max_batch': 12345, 'probe_batches': (2, 3)})
+                         'compile': True, 'max_batch': 12345, 'probe_batches': (2, 3)})
     args = bench_cli.build_parser().parse_args(bench_cli._config_argv(cfg))
-    for key in ('width', 'num_cells', 'batch_size', 'image_size', 'device', 'dtype', 'channels_last', 'steps',
-                'warmup', 'seed', 'strategies', 'max_batch', 'max_batch_metric', 'prime'):
+    for key in ('width', 'num_cells', 'batch_size', 'image_size', 'device', 'dtype', 'channels_last', 'compile',
+                'steps', 'warmup', 'seed', 'strategies', 'max_batch', 'max_batch_metric', 'prime'):
         assert getattr(args, key) == getattr(cfg, key), key
     assert tuple(args.probe_batches) == cfg.probe_batches
 

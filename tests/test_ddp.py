@@ -238,3 +238,81 @@ def test_strategy_key():
         with pytest.raises(ValueError, match='use auto or ddp'):
             lightning_strategy(refused, 2, 'cpu')
     assert lightning_strategy('ddp_find_unused_parameters_true') == 'ddp_find_unused_parameters_true'
+
+
+FAULT_SCRIPT = textwrap.dedent('''
+    """Runs on every process: the search of argv[2]; a NaN is put into rank 1's architecture parameters at step 1
+    when argv[3] == 'nan'. Each process dumps its outcome to OUT/<global rank>.json."""
+    import json, math, sys, time
+    from pathlib import Path
+
+    import pytorch_lightning as pl
+    import torch
+
+    from nni_darts_variants.search import DivergenceError, arch_state, run_search
+
+    out, cfg, fault = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), sys.argv[3]
+
+    from nni_darts_variants.search.callbacks import DivergenceGuard
+    check = DivergenceGuard.on_train_batch_end
+
+    def nan_on_rank_1(self, trainer, pl_module, outputs, batch, batch_idx):
+        """Rank 1's alphas become NaN right before its guard looks (after the step, so no gradient spreads it)."""
+        if fault == 'nan' and trainer.global_rank == 1 and batch_idx == 1:
+            with torch.no_grad():
+                pl_module.arch_parameters()[0].fill_(math.nan)
+        return check(self, trainer, pl_module, outputs, batch, batch_idx)
+    DivergenceGuard.on_train_batch_end = nan_on_rank_1
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.rank = trainer.global_rank
+
+        def on_train_end(self, trainer, pl_module):
+            self.final = arch_state(pl_module)
+
+    probe, start = Probe(), time.time()
+    try:
+        result = run_search(cfg, output=out / 'run', callbacks=[probe])
+        dump = {'final': probe.final, 'genotype': result.genotype.to_dict()}
+    except DivergenceError as err:
+        dump = {'error': str(err)}
+    dump['seconds'] = time.time() - start
+    (out / f'{probe.rank}.json').write_text(json.dumps(dump))
+''')
+
+
+def _fault_run(tmp_path: Path, cfg: dict, fault: str, nodes: int) -> list[dict]:
+    """Run FAULT_SCRIPT on 2 processes: one launch of 2 devices (Lightning starts rank 1), or 2 "nodes" of 1 process
+    each started here with NODE_RANK on 127.0.0.1."""
+    (tmp_path / 'cfg.json').write_text(json.dumps(cfg))
+    (tmp_path / 'fault.py').write_text(FAULT_SCRIPT)
+    env = ddp_env(tmp_path)
+    cmd = [sys.executable, str(tmp_path / 'fault.py'), str(tmp_path / 'out'), str(tmp_path / 'cfg.json'), fault]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env={**env, 'NODE_RANK': str(node)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for node in range(nodes)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [tmp_path / 'out' / f'{rank}.json' for rank in (0, 1)]
+    assert all(o.exists() for o in outs), '\n'.join(log[-3000:] for log in logs)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_promptly(tmp_path):
+    cfg = tiny_ddp_config('darts')
+    cfg['train']['max_epochs'] = 3
+    rank0, rank1 = _fault_run(tmp_path, cfg, 'nan', nodes=1)
+    assert 'non-finite' in rank1.get('error', ''), rank1
+    assert 'another rank diverged' in rank0.get('error', ''), rank0
+    assert max(rank0['seconds'], rank1['seconds']) < 300  # gloo's collective timeout is 30 minutes
+    assert not (tmp_path / 'out' / 'run' / 'result.json').exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_keep_one_architecture(tmp_path):
+    cfg = tiny_ddp_config('gdas')
+    cfg['train'].update(devices=1, num_nodes=2)
+    rank0, rank1 = _fault_run(tmp_path, cfg, 'none', nodes=2)
+    assert 'error' not in rank0 and 'error' not in rank1
+    assert rank0['final'] == rank1['final'] and rank0['genotype'] == rank1['genotype']
+    assert json.loads((tmp_path / 'out' / 'run' / 'alphas.json').read_text()) == rank0['final']

@@ -21,16 +21,9 @@ from nni_darts_variants.atomic import atomic_write_bytes, atomic_write_json
 from nni_darts_variants.cli import main
 from nni_darts_variants.config import ConfigError
 from nni_darts_variants.search import RunLock, SearchInterrupted, choose_checkpoint, run_search
+from test_search import _Kill, tiny_config  # the same tiny search and interruption
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(strategy='darts', epochs=2, **strategy_args):
-    return {'seed': 3, 'strategy': {'name': strategy, 'args': strategy_args},
-            'space': {'name': 'darts', 'args': {'width': 8, 'num_cells': 3}},
-            'data': {'name': 'digits', 'batch_size': 64, 'limit': 256},
-            'train': {'max_epochs': epochs, 'progress_bar': False, 'eval_batches': 2},
-            'output': {'bundle': False}}
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -82,13 +75,34 @@ def _umask() -> int:
 # Checkpoints: previous.ckpt kept, resume falls back, none loads -> one line, exit 2
 # ---------------------------------------------------------------------------------------------------------------------
 
-class _Kill(pl.Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
+def fake_checkpoint(path: Path, epoch: int) -> Path:
+    torch.save({'state_dict': {'w': torch.zeros(2)}, 'loops': {}, 'optimizer_states': [], 'epoch': epoch}, path)
+    return path
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt
+
+def test_resume_takes_the_newest_loadable_checkpoint(tmp_path, caplog):
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    assert choose_checkpoint(folder) is None  # nothing yet: start from the beginning
+    fake_checkpoint(folder / 'previous.ckpt', 0)
+    fake_checkpoint(folder / 'last.ckpt', 1)
+    assert choose_checkpoint(folder) == folder / 'last.ckpt'
+    data = (folder / 'last.ckpt').read_bytes()
+    (folder / 'last.ckpt').write_bytes(data[:len(data) // 2])
+    with caplog.at_level('WARNING', logger='nni_darts_variants'):
+        assert choose_checkpoint(folder) == folder / 'previous.ckpt'
+    assert len(caplog.records) == 1 and 'last.ckpt' in caplog.text and 'resuming from previous.ckpt' in caplog.text
+
+
+def test_no_loadable_checkpoint_is_one_line_exit_2_quick(tmp_path, capsys):
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    write_config(run / 'config.yaml', tiny_config())
+    (run / 'checkpoints' / 'last.ckpt').write_bytes(b'')
+    (run / 'checkpoints' / 'previous.ckpt').write_bytes(b'not a checkpoint at all')
+    assert main(['search', '--resume', str(run)]) == 2
+    line = one_error_line(capsys)
+    assert 'last.ckpt' in line and 'previous.ckpt' in line and 'can be loaded' in line, line
 
 
 @pytest.fixture(scope='module')
@@ -113,6 +127,7 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow
 def test_checkpoints_are_last_and_previous(interrupted_and_full):
     part, _ = interrupted_and_full
     names = sorted(p.name for p in (part / 'checkpoints').iterdir())
@@ -122,6 +137,7 @@ def test_checkpoints_are_last_and_previous(interrupted_and_full):
     assert not (part / '.lock').exists()
 
 
+@pytest.mark.slow
 def test_a_truncated_last_checkpoint_falls_back_to_the_previous(tmp_path, interrupted_and_full, caplog):
     run = _copy(interrupted_and_full[0], tmp_path / 'run')
     last = run / 'checkpoints' / 'last.ckpt'
@@ -133,15 +149,6 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous(tmp_path, interr
     full = interrupted_and_full[1]
     assert resumed.genotype == full.genotype
     assert json.loads((run / 'alphas.json').read_text()) == json.loads((full.run_dir / 'alphas.json').read_text())
-
-
-def test_no_loadable_checkpoint_is_one_line_exit_2(tmp_path, interrupted_and_full, capsys):
-    run = _copy(interrupted_and_full[0], tmp_path / 'run')
-    (run / 'checkpoints' / 'last.ckpt').write_bytes(b'')
-    (run / 'checkpoints' / 'previous.ckpt').write_bytes(b'not a checkpoint at all')
-    assert main(['search', '--resume', str(run)]) == 2
-    line = one_error_line(capsys)
-    assert 'last.ckpt' in line and 'previous.ckpt' in line and 'can be loaded' in line, line
 
 
 def test_a_checkpoint_with_code_is_not_executed(tmp_path):
@@ -237,3 +244,240 @@ def test_a_dead_writers_lock_is_stale(tmp_path, caplog):
     assert 'stale lock' in caplog.text and json.loads((tmp_path / '.lock').read_text())['pid'] == os.getpid()
     lock.release()
     assert not (tmp_path / '.lock').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM and Ctrl-C
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _Signal(pl.Callback):
+    """Sends ``signum`` to this process at the end of step ``step`` of epoch ``epoch``."""
+
+    def __init__(self, signum, epoch=1, step=0):
+        self.signum, self.epoch, self.step = signum, epoch, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.step):
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path):
+    cfg = tiny_config(epochs=3)
+    cfg['data']['batch_size'] = 32  # 4 steps per epoch: the stop falls inside epoch 1
+    with pytest.raises(SearchInterrupted) as stop:
+        run_search(cfg, output=tmp_path / 'run', callbacks=[_Signal(signal.SIGINT)])
+    assert stop.value.exit_code == 130 and f'--resume {tmp_path / "run"}' in str(stop.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    checkpoint = torch.load(tmp_path / 'run' / 'checkpoints' / 'last.ckpt', weights_only=True)
+    # Saved from on_train_batch_end: Lightning counts the step in flight as processed (and completes it on resume).
+    progress = checkpoint['loops']['fit_loop']['epoch_loop.batch_progress']['current']['processed']
+    assert checkpoint['epoch'] == 1 and progress == 2, (checkpoint['epoch'], progress)  # the step in flight finished
+    assert not (tmp_path / 'run' / '.lock').exists()
+    run_search(None, resume=tmp_path / 'run')
+    history = json.loads((tmp_path / 'run' / 'alpha_history.json').read_text())
+    assert [h['epoch'] for h in history] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_command_line_exits_143_with_the_resume_line(tmp_path):
+    cfg = tiny_config(epochs=40)
+    config = write_config(tmp_path / 'c.yml', cfg)
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    proc = subprocess.Popen([sys.executable, '-m', 'nni_darts_variants.cli', 'search', str(config), '-o', 'run'],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / 'run' / 'checkpoints' / 'last.ckpt').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    last = [line for line in err.splitlines() if line.startswith('nni-darts')]
+    assert len(last) == 1 and 'stopped by SIGTERM' in last[0] and 'resume with: nni-darts search --resume run' \
+        in last[0], err[-3000:]
+    assert 'Traceback' not in err
+    resumed = subprocess.run([sys.executable, '-m', 'nni_darts_variants.cli', 'search', '--resume', 'run', '--set',
+                              'train.max_epochs=3'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / 'run' / 'result.json').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A full disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+FULL_DISK = textwrap.dedent('''
+    """The search of argv[1] with a file-size limit of argv[2] bytes from epoch 1 on (a disk that fills up)."""
+    import resource, signal, sys
+    import pytorch_lightning as pl
+    from nni_darts_variants import cli
+    from nni_darts_variants.search import runner
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead
+
+    class FillUp(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+
+    callbacks = runner._search_callbacks
+    runner._search_callbacks = lambda cfg, data, run_dir, monitor, stop, extra: callbacks(cfg, data, run_dir,
+                                                                                          monitor, stop, [FillUp()])
+    sys.exit(cli.main(['search', sys.argv[1], '-o', 'run']))
+''')
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_write(tmp_path):
+    config = write_config(tmp_path / 'c.yml', tiny_config(epochs=3))
+    (tmp_path / 'full_disk.py').write_text(FULL_DISK)
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    proc = subprocess.run([sys.executable, 'full_disk.py', str(config), str(1_000_000)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith('nni-darts')]
+    assert len(lines) == 1 and 'could not write the checkpoint' in lines[0] and 'kept intact' in lines[0], lines
+    assert 'Traceback' not in proc.stderr
+    checkpoints = tmp_path / 'run' / 'checkpoints'
+    assert sorted(p.name for p in checkpoints.iterdir()) == ['last.ckpt']  # no temporary left behind
+    assert torch.load(checkpoints / 'last.ckpt', weights_only=True)['epoch'] == 0  # epoch 0's, whole
+    assert main(['search', '--resume', str(tmp_path / 'run')]) == 0  # space freed: the resume finishes the run
+    assert [h['epoch'] for h in json.loads((tmp_path / 'run' / 'alpha_history.json').read_text())] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad data
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_a_truncated_image_is_named_in_a_one_line_error(tmp_path, capsys):
+    from PIL import Image
+    for label in ('a', 'b'):
+        (tmp_path / 'data' / 'train' / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new('RGB', (8, 8), (40 * i, 100, 0 if label == 'a' else 200)).save(
+                tmp_path / 'data' / 'train' / label / f'{i}.png')
+    bad = tmp_path / 'data' / 'train' / 'b' / '3.png'
+    bad.write_bytes(bad.read_bytes()[:40])  # what an interrupted copy leaves
+    cfg = tiny_config(epochs=1)
+    cfg['data'].update(name='imagefolder', root=str(tmp_path / 'data'), batch_size=4, limit=None, image_size=8)
+    config = write_config(tmp_path / 'c.yml', cfg)
+    assert main(['search', str(config), '-o', str(tmp_path / 'run')]) == 2
+    line = one_error_line(capsys)
+    assert f'cannot read the image {bad}' in line and 'replace or remove' in line, line
+    assert not (tmp_path / 'run').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kill -9 at random moments
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _cli(args, cwd, env):
+    return subprocess.Popen([sys.executable, '-m', 'nni_darts_variants.cli', 'search', *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _temporaries(run: Path) -> set[Path]:
+    return set((run / 'checkpoints').glob('.last.ckpt.*.tmp')) if (run / 'checkpoints').is_dir() else set()
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_nothing(tmp_path):
+    """A seeded CPU search killed with SIGKILL at least 10 times (at least twice inside a checkpoint write, whose
+    window the test widens with NNI_DARTS_TEST_WRITE_PAUSE), resumed each time, ends with the genotype and alphas
+    of an uninterrupted run."""
+    import random
+    from nni_darts_variants.atomic import PAUSE_ENV
+    epochs = 12
+    config = write_config(tmp_path / 'c.yml', tiny_config(epochs=epochs))
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore',
+           PAUSE_ENV: '0.3'}
+    reference = _cli([str(config), '-o', 'reference'], tmp_path, env)
+    assert reference.wait(timeout=900) == 0, reference.stderr.read()[-3000:]
+
+    rng = random.Random(16)
+    run = tmp_path / 'run'
+    kills = inside_write = resumes = 0
+    while kills < 10:
+        resuming = (run / 'config.yaml').exists()
+        proc = _cli(['--resume', 'run'] if resuming else [str(config), '-o', 'run'], tmp_path, env)
+        resumes += resuming
+        in_write = kills % 3 == 1  # every third kill waits for the second checkpoint write of this process
+        stale = _temporaries(run)  # left by an earlier kill inside a write (the next writer removes them)
+        deadline, seen, started = time.time() + rng.uniform(3.0, 15.0), 0, time.time()
+        while proc.poll() is None:
+            if in_write:
+                if _temporaries(run) - stale:
+                    seen += 1
+                    if seen == 2:
+                        break
+                    while _temporaries(run) - stale and proc.poll() is None:
+                        time.sleep(0.01)
+            elif time.time() >= deadline:
+                break
+            if time.time() - started > 300:
+                break
+            time.sleep(0.01)
+        if proc.poll() is not None:  # it finished before the kill: the run is complete
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            break
+        inside_write += bool(_temporaries(run) - stale)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    if not (run / 'result.json').exists():
+        final = _cli(['--resume', 'run'], tmp_path, env)
+        resumes += 1
+        assert final.wait(timeout=900) == 0, final.stderr.read()[-3000:]
+    mismatches = sum((run / name).read_text() != (tmp_path / 'reference' / name).read_text()
+                     for name in ('alphas.json', 'genotype.json', 'sample.json'))
+    print(f'\nkill -9 soak: {kills} kills ({inside_write} inside a checkpoint write), {resumes} resumes, '
+          f'{mismatches} mismatching files of 3')
+    assert kills >= 10 and inside_write >= 2 and mismatches == 0
+    assert [h['epoch'] for h in json.loads((run / 'alpha_history.json').read_text())] == list(range(epochs))
+    assert not _temporaries(run)  # the resumes removed what the kills left
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nnictl stop on a trial
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_nnictl_stop_leaves_a_resumable_folder(tmp_path):
+    """``nnictl stop`` sends the trial SIGTERM (SIGKILL 5 s later): the step finishes, a checkpoint is written, and
+    the folder resumes to a finished run."""
+    import yaml
+    from test_nnictl import NNICTL, SMOKE, _end_manager, _env, _free_port, _get, _manager_pid
+    if not NNICTL.is_file():
+        pytest.skip('nnictl is not installed next to this Python')
+    config = yaml.safe_load((SMOKE / 'darts-1st.yml').read_text())
+    config['trialCommand'] += ' --set train.max_epochs=200'
+    config['trialCodeDirectory'] = str(REPO)
+    (tmp_path / 'long.yml').write_text(yaml.safe_dump(config))
+    (tmp_path / 'home').mkdir()
+    port, env = _free_port(), _env(tmp_path)
+    created = subprocess.run([str(NNICTL), 'create', '--config', str(tmp_path / 'long.yml'), '--port', str(port)],
+                             env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    import re
+    found = re.search(r'Experiment ID:\s*(\w+)', re.sub(r'\x1b\[[0-9;]*m', '', created.stdout + created.stderr))
+    assert created.returncode == 0 and found, created.stdout + created.stderr
+    manager = _manager_pid(env['HOME'], found.group(1))
+    try:
+        deadline, checkpoints = time.monotonic() + 300, []
+        while time.monotonic() < deadline and not checkpoints:
+            checkpoints = list((tmp_path / 'home').glob('nni-experiments/*/trials/*/search/checkpoints/last.ckpt'))
+            time.sleep(0.5)
+        assert checkpoints, _get(port, 'trial-jobs')
+        trials = _get(port, 'trial-jobs')
+        stopped = subprocess.run([str(NNICTL), 'stop', found.group(1)], env=env, cwd=str(tmp_path),
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    finally:
+        _end_manager(manager)
+    run = checkpoints[0].parents[1]
+    log = (Path(trials[0]['logPath']) / 'trial.log').read_text()
+    assert 'stopped by SIGTERM' in log and f'--resume {run}' in log, log[-3000:]
+    assert not (run / 'result.json').exists() and not (run / '.lock').exists()
+    epoch = torch.load(run / 'checkpoints' / 'last.ckpt', weights_only=True)['epoch']
+    result = run_search(None, overrides=[f'train.max_epochs={epoch + 2}'], resume=run)
+    assert result.genotype is not None and (run / 'result.json').exists()

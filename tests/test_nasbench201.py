@@ -336,9 +336,19 @@ def test_recipes_resolve_with_the_official_settings(path):
     assert (t['learning_rate'], t['learning_rate_min'], t['momentum'], t['nesterov']) == (0.025, 0.001, 0.9, True)
     assert d['batch_size'] == 64 and d['train_portion'] == 0.5
     assert t['weight_decay'] == (0.0 if cfg['strategy']['name'] == 'dropnas' else 5e-4)
-    if path.parent.name == 'cpu':
-        assert cfg['space']['args'] == {'width': 8, 'num_cells': 1, 'affine': False, 'track_running_stats': False}
-        assert d['image_size'] == 16 and d['limit'] == 4000
+    if path.parent.name == 'cpu':  # the recipes repeat the benchmark's cpu protocol: they must agree
+        from nni_darts_variants.quality import PROTOCOLS, QUALITY_ROWS
+        protocol = PROTOCOLS['cpu']
+        assert cfg['space']['args'] == {**protocol['space'], 'affine': False, 'track_running_stats': False}
+        assert {k: d[k] for k in ('image_size', 'limit', 'batch_size')} == \
+            {k: protocol['data'][k] for k in ('image_size', 'limit', 'batch_size')}
+        row = {'darts-1st': 'darts', 'darts-2nd': 'darts-2nd'}.get(path.stem, path.stem)
+        assert t['max_epochs'] == protocol['epochs_rows'].get(row, protocol['train']['max_epochs'])
+        expected = {**protocol['arch'], **QUALITY_ROWS[row][2], **protocol['rows'].get(row, {})}
+        if cfg['strategy']['name'] == 'dropnas':  # DropNAS decays the alphas itself
+            del expected['arc_weight_decay']
+        args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg['strategy']['args'].items()}
+        assert {k: args.get(k) for k in expected} == expected
         return
     assert cfg['space']['args']['width'] == 16 and cfg['space']['args']['num_cells'] == 5
     assert d['name'] == 'cifar10'  # 50,000 training images, split 25k / 25k
@@ -399,3 +409,34 @@ def test_quality_benchmark_rows_on_a_tiny_protocol(monkeypatch, tmp_path):
         assert all(len(r['skip_share_per_epoch']) == 2 for r in row['runs'])
     text = quality.format_quality_table(report)
     assert 'darts' in text and 'paper: GDAS' in text and '93.61 ± 0.09' in text
+
+
+@pytest.mark.parametrize('name', ['darts', 'gdas'])
+def test_our_strategies_on_the_hub_nasbench201_export_a_benchmark_cell(name):
+    from nni.nas.hub.pytorch import NasBench201
+
+    from nni_darts_variants.registry import create_strategy
+    from nni_darts_variants.testing import run_tiny_search, tiny_loaders
+    result = run_tiny_search(create_strategy(name, **_strategy_kwargs(name)),
+                             space=NasBench201(stem_out_channels=4, num_modules_per_stack=1),
+                             loaders=tiny_loaders(n=16, channels=3))
+    arch = sample_to_arch(result.sample)
+    assert arch in _independent_strings() and NasBench201Table().lookup(result.sample) > 0
+
+
+def test_search_run_folder_gets_the_benchmark_cell(tmp_path, capsys):
+    from nni_darts_variants.cli import main
+    config = {'seed': 0, 'strategy': {'name': 'gdas', 'args': {}},
+              'space': {'name': 'nasbench201', 'args': {'width': 4, 'num_cells': 1}},
+              'data': {'name': 'synthetic', 'batch_size': 16, 'limit': 32},
+              'train': {'max_epochs': 1, 'accelerator': 'cpu', 'progress_bar': False, 'eval_batches': 1},
+              'output': {'bundle': False}}
+    import yaml
+    (tmp_path / 'nb201.yml').write_text(yaml.safe_dump(config))
+    assert main(['search', str(tmp_path / 'nb201.yml'), '--output', str(tmp_path / 'run')]) == 0
+    record = json.loads((tmp_path / 'run' / 'nb201.json').read_text())
+    result = json.loads((tmp_path / 'run' / 'result.json').read_text())
+    assert record['arch'] == sample_to_arch(result['sample']) and result['metrics']['nb201'] == record
+    assert record['cifar10_test'] == NasBench201Table().lookup(record['arch'])
+    assert f'NAS-Bench-201 cell: {record["arch"]}, CIFAR-10 test accuracy {record["cifar10_test"]}' in \
+        capsys.readouterr().out

@@ -23,11 +23,14 @@ FROZEN = Path(__file__).resolve().parent / 'data' / 'resolved_recipes.json'
 
 #: recipe -> {dotted key: (value before, value now, why)}: the intended differences from the frozen expectation.
 _GDAS_CELLS = (8, 6, 'the official GDAS search network has N=2 cells per stage: 6 cells, reductions at 2 and 4')
+_PROXYLESS_NO_CLIP = (5.0, None, 'the official ProxylessNAS loop does not clip the weight gradient (issue #15)')
 CHANGED: dict[str, dict[str, tuple]] = {
     'experiments/cifar10/search/gdas.yml': {'space.args.num_cells': _GDAS_CELLS},
     'experiments/imagenet/search/gdas.yml': {'space.args.num_cells': _GDAS_CELLS},
     'experiments/imagenet/search/dropnas.yml': {
         'data.train_portion': (0.5, 0.9, 'inherited from the CIFAR-10 recipe; unused: data.subset picks both halves')},
+    **{f'experiments/{kind}/search/proxyless.yml': {'strategy.args.gradient_clip_val': _PROXYLESS_NO_CLIP}
+       for kind in ('cifar10', 'imagenet', 'smoke')},
 }
 
 

@@ -117,3 +117,73 @@ def test_architecture_step_leaves_weight_gradients_unset(monkeypatch):
     monkeypatch.setattr(VariantLightningModule, 'arch_backward_inputs', spy)
     _search('darts', True, monkeypatch, steps=1)
     assert calls and calls[0] > 0
+
+
+def _image_folder(root, n=12, size=32):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        folder = root / 'train' / f'class{i % 3}'
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.mark.parametrize('image_size', [None, 8])  # 8: a Resize before the random crop and flip
+def test_images_decoded_once_give_bitwise_the_same_batches_over_epochs(tmp_path, image_size):
+    from nni_darts_variants.data import DecodedImages, build_search_data
+    root = _image_folder(tmp_path / 'images')
+    batches = {}
+    for in_memory in (False, True):
+        data = build_search_data('imagefolder', root=str(root), batch_size=4, image_size=image_size,
+                                 in_memory=in_memory, seed=3)
+        assert isinstance(data.train.dataset.dataset, DecodedImages) == in_memory
+        torch.manual_seed(5)  # the augmentation's random state
+        batches[in_memory] = [torch.cat([x for x, _ in loader]) for _ in range(3)
+                              for loader in (data.train, data.val)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True]))
+    assert not torch.equal(batches[True][0], batches[True][2])  # a fresh augmentation each epoch
+
+
+def test_transforms_that_cannot_be_replayed_exactly_stay_as_they_are(tmp_path):
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from nni_darts_variants.data import DecodedImages, decoded_in_memory
+    root = _image_folder(tmp_path / 'images')
+    resized = ImageFolder(str(root / 'train'), transform=T.Compose([T.RandomResizedCrop(8), T.ToTensor()]))
+    assert decoded_in_memory(resized) is resized
+    plain = ImageFolder(str(root / 'train'), transform=T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
+    assert isinstance(decoded_in_memory(plain), DecodedImages)
+    assert decoded_in_memory(plain, max_bytes=10_000) is plain  # 12 images of 3,072 bytes do not fit
+
+
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two'])
+def test_bad_thread_count_is_a_config_error_naming_the_key(bad):
+    from nni_darts_variants.config import ConfigError
+    from nni_darts_variants.search.config import resolve_config
+    with pytest.raises(ConfigError, match='train.threads'):
+        resolve_config({'train': {'threads': bad}})
+
+
+def test_threads_are_applied_and_none_leaves_them():
+    from nni_darts_variants.speed import apply_threads
+    before = torch.get_num_threads()
+    try:
+        apply_threads(None)
+        assert torch.get_num_threads() == before
+        apply_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compile_keeps_the_module_names_and_the_forward():
+    from nni_darts_variants.speed import compile_supernet
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    expected = net(x)
+    compiled = compile_supernet(net)
+    assert compiled is net and list(net.state_dict()) == ['0.weight', '0.bias']
+    torch.testing.assert_close(net(x), expected)

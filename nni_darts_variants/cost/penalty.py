@@ -29,8 +29,8 @@ _logger = logging.getLogger(__name__)
 
 FORMS = ('mul#log', 'add#linear')
 _TARGET_KEYS = {'latency': ('target_ms', 1.0), 'flops': ('target_mflops', 1e6), 'params': ('target_mparams', 1e6)}
-_CONFIG_KEYS = {'metric', 'form', 'alpha', 'beta', 'lambda', 'device', 'warmup', 'repeats', 'threads', 'cache_dir',
-                'latency_batch_size'} | {k for k, _ in _TARGET_KEYS.values()}
+_CONFIG_KEYS = {'metric', 'form', 'alpha', 'beta', 'lambda', 'device', 'warmup', 'repeats', 'threads', 'clock',
+                'calibration', 'cache_dir', 'latency_batch_size'} | {k for k, _ in _TARGET_KEYS.values()}
 
 
 def mul_log(loss: torch.Tensor, expected: Any, target: float, alpha: float, beta: float) -> torch.Tensor:
@@ -63,15 +63,19 @@ class HardwareCost:
         Where latency is measured: ``'auto'`` (CUDA when present, else CPU), ``'cpu'`` or ``'cuda'``.
     latency_batch_size
         Batch size of the latency measurement (1, as on a phone); FLOPs ignore the batch.
-    warmup, repeats, threads, cache_dir
-        Of the latency measurement (5 warm-up runs, median of 20, 1 thread, ``~/.cache/nni-darts-variants/cost``).
+    warmup, repeats, threads, clock, cache_dir
+        Of the latency measurement (5 warm-up runs, median of 20, 1 thread, wall clock,
+        ``~/.cache/nni-darts-variants/cost``); ``clock='cpu'`` times the thread's CPU time, for a shared machine.
+    calibration
+        Whole random networks timed to rescale the latency table (0: none); see ``build_cost_table``.
     table
         A ready table (then :meth:`prepare` does nothing).
     """
 
     def __init__(self, metric: str = 'latency', target: float = 1.0, form: str = 'mul#log', *, alpha: float = 0.2,
                  beta: float = 0.3, lambda_: float = 0.1, device: str = 'auto', latency_batch_size: int = 1,
-                 warmup: int = 5, repeats: int = 20, threads: int | None = 1, cache_dir: str | None = None,
+                 warmup: int = 5, repeats: int = 20, threads: int | None = 1, clock: str = 'wall',
+                 calibration: int = 0, cache_dir: str | None = None,
                  table: CostTable | None = None):
         if metric not in METRICS:
             raise ValueError(f'cost.metric must be one of {", ".join(METRICS)}, got {metric!r}')
@@ -86,13 +90,16 @@ class HardwareCost:
             raise ValueError(f'cost alpha and beta must be positive and lambda >= 0, got {alpha}, {beta}, {lambda_}')
         if device not in ('auto', 'cpu', 'cuda'):
             raise ValueError(f"cost.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if clock not in ('wall', 'cpu'):
+            raise ValueError(f"cost.clock must be 'wall' or 'cpu', got {clock!r}")
         if warmup < 0 or repeats < 1 or latency_batch_size < 1:
             raise ValueError(f'cost warmup must be >= 0, repeats and latency_batch_size >= 1, got {warmup}, '
                              f'{repeats}, {latency_batch_size}')
         self.metric, self.target, self.form = metric, float(target), form
         self.alpha, self.beta, self.lambda_ = alpha, beta, lambda_
         self.device, self.latency_batch_size = device, latency_batch_size
-        self.warmup, self.repeats, self.threads, self.cache_dir = warmup, repeats, threads, cache_dir
+        self.warmup, self.repeats, self.threads, self.clock, self.cache_dir = warmup, repeats, threads, clock, cache_dir
+        self.calibration = calibration
         self.table = table
         self._given_table = table is not None
 
@@ -117,7 +124,7 @@ class HardwareCost:
             x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous()
             self.table = build_cost_table(space, x, self.metric, device=self.measurement_device(),
                                           warmup=self.warmup, repeats=self.repeats, threads=self.threads,
-                                          cache_dir=self.cache_dir)
+                                          clock=self.clock, calibration=self.calibration, cache_dir=self.cache_dir)
             _logger.info('%s table: %d choices, fixed part %.4g %s', self.metric, len(self.table.costs),
                          self.table.const, self.table.unit)
         return self.table
@@ -152,9 +159,10 @@ def cost_from_config(config: Mapping[str, Any] | HardwareCost | None) -> Hardwar
     target_key, scale = _TARGET_KEYS[metric]
     wrong = [k for k, _ in _TARGET_KEYS.values() if k in config and k != target_key]
     if wrong or target_key not in config:
-        raise ValueError(f'cost with metric {metric!r} needs {target_key} (and no {", ".join(wrong) or "other target"})')
-    options = {k: config[k] for k in ('form', 'alpha', 'beta', 'device', 'warmup', 'repeats', 'threads',
-                                      'cache_dir', 'latency_batch_size') if k in config}
+        others = ', '.join(wrong) or 'other target'
+        raise ValueError(f'cost with metric {metric!r} needs {target_key} (and no {others})')
+    options = {k: config[k] for k in ('form', 'alpha', 'beta', 'device', 'warmup', 'repeats', 'threads', 'clock',
+                                      'calibration', 'cache_dir', 'latency_batch_size') if k in config}
     if 'lambda' in config:
         options['lambda_'] = config['lambda']
     return HardwareCost(metric, float(config[target_key]) * scale, **options)

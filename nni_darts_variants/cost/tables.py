@@ -99,17 +99,35 @@ class CostTable:
 
 
 def count_flops_params(module: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """FLOPs (multiply-accumulates, NNI's convention: batch size ignored) and parameters of ``module`` at ``x``."""
-    result = FlopsParamsProfiler(module, (x,)).flops_result
+    """FLOPs (multiply-accumulates, NNI's convention: batch size ignored) and parameters of ``module`` at ``x``.
+
+    The profiler's forward runs in eval mode (batch norm on a 1x1 map of one image fails in training mode).
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        result = FlopsParamsProfiler(module, (x,)).flops_result
+    finally:
+        module.train(was_training)
     return float(result.flops), float(result.params)
 
 
-def measure_latency(module: nn.Module, x: torch.Tensor, *, warmup: int = 5, repeats: int = 20,
-                    threads: int | None = 1) -> float:
-    """Median wall time in ms of ``module(x)`` (eval mode, no grad) after ``warmup`` runs, at ``threads`` threads.
+#: Clocks of :func:`measure_latency`: wall time, or the CPU time of the calling thread.
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.thread_time}
 
-    The module and input must already be on the target device; CUDA is synchronized around each run.
+
+def measure_latency(module: nn.Module, x: torch.Tensor, *, warmup: int = 5, repeats: int = 20,
+                    threads: int | None = 1, clock: str = 'wall') -> float:
+    """Median time in ms of ``module(x)`` (eval mode, no grad) after ``warmup`` runs, at ``threads`` threads.
+
+    The module and input must already be on the target device; CUDA is synchronized around each run. ``clock``
+    ``'wall'`` is the latency; ``'cpu'`` (the calling thread's CPU time, CPU only, meaningful with ``threads=1``)
+    leaves out the time the thread waits for a core, for a machine shared with other jobs: there the wall-time
+    median of a whole network is inflated far more than that of one block (a long run is more often preempted).
     """
+    if clock not in CLOCKS or (clock == 'cpu' and x.is_cuda):
+        raise ValueError(f"clock must be 'wall' or (on the CPU) 'cpu', got {clock!r}")
+    now = CLOCKS[clock]
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -121,11 +139,11 @@ def measure_latency(module: nn.Module, x: torch.Tensor, *, warmup: int = 5, repe
         with torch.no_grad():
             for i in range(warmup + repeats):
                 sync()
-                start = time.perf_counter()
+                start = now()
                 module(x)
                 sync()
                 if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
+                    times.append((now() - start) * 1e3)
     finally:
         module.train(was_training)
         torch.set_num_threads(previous)
@@ -195,11 +213,14 @@ def default_cache_dir() -> Path:
 
 def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str = 'flops', *,
                      device: str | torch.device = 'cpu', warmup: int = 5, repeats: int = 20, threads: int | None = 1,
-                     cache_dir: str | Path | None = None) -> CostTable:
+                     clock: str = 'wall', calibration: int = 0, cache_dir: str | Path | None = None) -> CostTable:
     """The cost table of an unmutated model space at ``example_input`` (whose shape, batch included, is used).
 
     ``space`` is not changed. ``metric`` is ``'flops'``, ``'params'`` or ``'latency'`` (on ``device``, cached under
-    ``cache_dir``, default ``~/.cache/nni-darts-variants/cost``).
+    ``cache_dir``, default ``~/.cache/nni-darts-variants/cost``). With ``calibration = n > 1`` (latency), ``n``
+    random networks are also timed whole and the table is rescaled to the least-squares line
+    ``measured = const + scale * sum(candidates)`` (blocks timed alone run faster than inside a network: warm caches,
+    and on a shared machine fewer interruptions); without it, ``const`` comes from the cheapest network alone.
     """
     if metric not in METRICS:
         raise ValueError(f'unknown cost metric {metric!r}; valid: {", ".join(METRICS)}')
@@ -208,7 +229,7 @@ def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str 
     device = torch.device(device)
     key = {**space_key(space), 'metric': metric, 'input': list(x.shape), 'dtype': str(x.dtype)}
     if metric == 'latency':
-        key.update(device=str(device), threads=threads, torch=torch.__version__)
+        key.update(device=str(device), threads=threads, clock=clock, torch=torch.__version__)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / f'latency-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json'
         if path.is_file():
@@ -222,13 +243,17 @@ def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str 
         costs[label] = {}
         for choice, shape in modules:
             for name in choice.names:
-                cost = _cost_of(choice[name], torch.zeros(shape), metric, device, warmup, repeats, threads)
+                cost = _cost_of(choice[name], torch.zeros(shape), metric, device, warmup, repeats, threads, clock)
                 costs[label][str(name)] = costs[label].get(str(name), 0.0) + cost
     table = CostTable(metric, 0.0, costs, {k: v for k, v in share.items() if k in costs},
                       {k: v for k, v in gates.items() if k in costs}, key)
     reference = _reference_sample(space, table.cheapest())
-    whole = _cost_of(space.freeze(reference), x, metric, device, warmup, repeats, threads)
+    whole = _cost_of(space.freeze(reference), x, metric, device, warmup, repeats, threads, clock)
     table.const = max(whole - table.of_sample(reference), 0.0)
+    if metric == 'latency' and calibration > 1:
+        _calibrate(table, space, x, calibration, reference, whole,
+                   lambda net: _cost_of(net, x, metric, device, warmup, repeats, threads, clock))
+        key['calibration'] = calibration
     if metric == 'latency':
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table.to_dict(), indent=1))
@@ -236,10 +261,27 @@ def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str 
     return table
 
 
+def _calibrate(table: CostTable, space: nn.Module, x: torch.Tensor, n: int, reference: dict[str, Any],
+               reference_cost: float, measure: Any) -> None:
+    """Rescale ``table`` to the least-squares fit of ``n`` whole networks (the cheapest one and ``n - 1`` random)."""
+    import numpy as np
+    rng = np.random.RandomState(0)
+    samples = [reference] + [{label: mutable.random(random_state=rng) for label, mutable in space.simplify().items()}
+                             for _ in range(n - 1)]
+    table.const = 0.0
+    predicted = np.array([table.of_sample(sample) for sample in samples])
+    measured = np.array([reference_cost] + [measure(space.freeze(sample)) for sample in samples[1:]])
+    scale, const = np.polyfit(predicted, measured, 1)
+    scale = max(float(scale), 1e-6)
+    table.costs = {label: {name: cost * scale for name, cost in costs.items()} for label, costs in table.costs.items()}
+    table.const = max(float(const), 0.0)
+    _logger.info('latency table calibrated on %d networks: scale %.3f, fixed part %.3f ms', n, scale, table.const)
+
+
 def _cost_of(module: nn.Module, x: torch.Tensor, metric: str, device: torch.device, warmup: int, repeats: int,
-             threads: int | None) -> float:
+             threads: int | None, clock: str) -> float:
     if metric == 'latency':
         module = copy.deepcopy(module).to(device)
-        return measure_latency(module, x.to(device), warmup=warmup, repeats=repeats, threads=threads)
+        return measure_latency(module, x.to(device), warmup=warmup, repeats=repeats, threads=threads, clock=clock)
     flops, params = count_flops_params(module, x)
     return flops if metric == 'flops' else params

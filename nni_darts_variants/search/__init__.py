@@ -8,7 +8,8 @@ weight heatmaps and histories, size and FLOPs, the retrain command; see :mod:`nn
 
 The package's modules: :mod:`.config` (schema and :func:`resolve_config`), :mod:`.callbacks` (Lightning
 callbacks), :mod:`.evaluator` (the NNI evaluator, its loggers, the from-scratch evaluation), :mod:`.rundir` (the
-run folder) and :mod:`.runner` (:func:`run_search`).
+run folder and its lock), :mod:`.checkpoints` (atomic checkpoints, ``previous.ckpt``, the resume's choice),
+:mod:`.interrupt` (SIGTERM and Ctrl-C) and :mod:`.runner` (:func:`run_search`).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 
+from ..distributed import world_size
 from .rundir import write_json
 
 __all__ = ['arch_state', 'SearchMonitor', 'ChannelsLast', 'DivergenceError', 'DivergenceGuard', 'RandomState']
@@ -112,7 +114,8 @@ class DivergenceError(RuntimeError):
 class DivergenceGuard(pl.Callback):
     """Stop the search when the loss or an architecture parameter is not finite, naming the epoch and step.
 
-    Checkpoints are written at the end of each good epoch, so the last one never holds the bad values.
+    Checkpoints are written at the end of each good epoch, so the last one never holds the bad values. On several
+    processes the ranks agree on the verdict after every step (one all-reduce of a flag), so all of them stop.
     """
 
     def __init__(self, checkpoint_dir: Path):
@@ -128,6 +131,11 @@ class DivergenceGuard(pl.Callback):
                 if any(not torch.isfinite(p).all() for p in getattr(module, 'arch_parameters', lambda: [])()):
                     bad = f'architecture parameters of {getattr(module, "label", module)} became non-finite'
                     break
+        if world_size() > 1:  # one rank's NaN stops every rank now, not after the collective timeout
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=pl_module.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if bad is None and flag.item() > 0:
+                bad = 'another rank diverged'
         if bad is not None:
             last = self.checkpoint_dir / 'last.ckpt'
             keep = f'the last good checkpoint is {last}' if last.exists() else 'no epoch had finished yet'

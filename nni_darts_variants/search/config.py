@@ -8,6 +8,7 @@ from typing import Any
 from ..config import ConfigError, apply_overrides, check_schema, load_yaml
 from ..distributed import lightning_strategy
 from ..registry import check_strategy_arguments
+from ..speed import check_threads
 from ..strategies.base import DartsVariant
 
 __all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'resolve_config']
@@ -19,11 +20,11 @@ SEARCH_SCHEMA: dict[str, Any] = {
     'space': {'name': 'darts', 'args': {}},
     'data': {'name': 'digits', 'root': None, 'download': False, 'batch_size': 64, 'train_portion': 0.5,
              'num_workers': 0, 'image_size': None, 'limit': None, 'subset': None, 'weight_fraction': 0.1,
-             'arch_fraction': 0.025},
+             'arch_fraction': 0.025, 'in_memory': True},
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
               'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False, 'num_nodes': 1,
-              'lr_warmup_epochs': 0},
+              'threads': None, 'compile': False, 'lr_warmup_epochs': 0},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
@@ -47,6 +48,10 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
         lightning_strategy(cfg['train']['strategy'])
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    try:
+        check_threads(cfg['train']['threads'])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg['train']['learning_rate'] == 0:
         raise ConfigError('train.learning_rate must be positive, got 0')
     return cfg
@@ -58,7 +63,7 @@ def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:
     try:
         strategy = check_strategy_arguments(name, args)(**args)
         if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
-            strategy.check_trainer(max_epochs)
+            strategy.check_trainer(max_epochs, **args)
     except (TypeError, ValueError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f'strategy.args: {message}') from None

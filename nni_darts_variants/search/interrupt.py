@@ -38,7 +38,11 @@ class SearchInterrupted(Exception):
 
 
 class GracefulStop(pl.Callback):
-    """Install the SIGTERM/SIGINT handlers for the length of the fit, and stop after the step in progress."""
+    """Turns SIGTERM/SIGINT into a stop after the step in progress (module docstring).
+
+    :meth:`install` the handlers before the trainer starts (Lightning's own SIGTERM handler, registered when the fit
+    starts, calls the handler it finds, so this one still runs) and :meth:`restore` them after.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -48,19 +52,20 @@ class GracefulStop(pl.Callback):
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
         _logger.warning('%s received: finishing the current step, then writing a checkpoint',
                         signal.Signals(signum).name)
         self.signum = signum
-        self._restore()  # a second signal acts at once
 
-    def _restore(self) -> None:
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.signum is None:
@@ -68,9 +73,3 @@ class GracefulStop(pl.Callback):
         checkpoint = self.run_dir / 'checkpoints' / LAST
         trainer.save_checkpoint(checkpoint)
         raise SearchInterrupted(self.signum, self.run_dir, checkpoint)
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._restore()
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._restore()

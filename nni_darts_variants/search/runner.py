@@ -5,22 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ..config import ConfigError
 from ..data import SearchData, build_search_data
 from ..distributed import DistributedArchSync, is_global_zero
+from ..nasbench201 import export_nb201
 from ..registry import build_space, create_strategy
+from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
 from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
 from .checkpoints import LAST, AtomicCheckpointIO, choose_checkpoint
-from .interrupt import GracefulStop
+from .interrupt import GracefulStop, SearchInterrupted
 from .rundir import RunLock, prepare_run_dir, run_dir_of, write_config, write_json
 
 __all__ = ['SearchResult', 'run_search']
@@ -62,7 +66,8 @@ def _build_data(cfg: dict[str, Any]) -> SearchData:
     data = build_search_data(d['name'], root=d['root'], download=d['download'], batch_size=d['batch_size'],
                              train_portion=d['train_portion'], num_workers=d['num_workers'],
                              image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
-                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'])
+                             weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'],
+                             in_memory=d['in_memory'])
     _logger.info('data %s', data.description)
     return data
 
@@ -76,20 +81,20 @@ def _space_factory(cfg: dict[str, Any], data: SearchData) -> Callable[[], Any]:
 
 
 def _schedule_epochs(strategy: Any, max_epochs: int) -> int:
-    hook = getattr(strategy, 'schedule_epochs', None)
-    return hook(max_epochs) if callable(hook) else max_epochs
+    from ..strategies.base import DartsVariant  # a strategy registered from outside may be a plain NNI one
+    return strategy.schedule_epochs(max_epochs) if isinstance(strategy, DartsVariant) else max_epochs
 
 
 def _search_callbacks(cfg: dict[str, Any], data: SearchData, run_dir: Path, monitor: SearchMonitor,
-                      extra: list | None) -> list:
+                      stop: GracefulStop, extra: list | None) -> list:
     checkpoint_dir = run_dir / 'checkpoints'
     # Only last.ckpt (and previous.ckpt, kept by AtomicCheckpointIO), written at the end of every epoch.
     checkpointing = pl.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), filename=LAST[:-len('.ckpt')],
                                                  enable_version_counter=False, save_top_k=1, every_n_epochs=1,
                                                  save_on_train_epoch_end=True)
     return [monitor, DivergenceGuard(checkpoint_dir), RandomState([data.train, data.val]), DistributedArchSync(),
-            GracefulStop(run_dir), checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
-            *(extra or [])]
+            stop, checkpointing, *([ChannelsLast()] if cfg['train']['channels_last'] else []),
+            *([CompileSupernet()] if cfg['train']['compile'] else []), *(extra or [])]
 
 
 def _train(cfg: dict[str, Any], data: SearchData, run_dir: Path, space: Any, strategy: Any, callbacks: list,
@@ -141,6 +146,9 @@ def _write_results(cfg: dict[str, Any], run_dir: Path, strategy: Any, genotype: 
         metrics['evaluate'] = evaluate_sample(space_factory, sample, data, cfg['evaluate']['epochs'],
                                               cfg['evaluate']['learning_rate'], cfg['train']['accelerator'],
                                               cfg['seed'])
+    nb201 = export_nb201(sample, run_dir)  # a NAS-Bench-201 cell: nb201.json, its string and table accuracy
+    if nb201 is not None:
+        metrics['nb201'] = nb201
     write_json(run_dir / 'result.json', {'metrics': metrics, 'genotype': genotype.to_dict() if genotype else None,
                                          'sample': sample})
     return metrics
@@ -161,6 +169,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
     run_dir = run_dir_of(cfg, output)
+    apply_threads(cfg['train']['threads'])
     pl.seed_everything(cfg['seed'], verbose=False)
     # Everything that can fail on bad input is built before the run folder is touched.
     data = _build_data(cfg)
@@ -210,12 +219,22 @@ def _search(cfg: dict[str, Any], run_dir: Path, data: SearchData, space_factory:
             strategy: Any, listeners: list | None, callbacks: list | None, ckpt_path: str | None) -> SearchResult:
     if is_global_zero():
         (run_dir / 'result.json').unlink(missing_ok=True)
+        for leftover in [*run_dir.glob('.*.tmp'), *run_dir.glob('checkpoints/.*.tmp')]:  # a killed writer's
+            leftover.unlink(missing_ok=True)
     write_config(run_dir, cfg)
     monitor = SearchMonitor(run_dir, data.val, cfg['train']['eval_batches'], listeners)
     if ckpt_path is not None and (run_dir / 'alpha_history.json').exists():
         monitor.history = json.loads((run_dir / 'alpha_history.json').read_text())
-    sample, search_seconds = _train(cfg, data, run_dir, space, strategy,
-                                    _search_callbacks(cfg, data, run_dir, monitor, callbacks), ckpt_path)
+    stop = GracefulStop(run_dir)
+    stop.install()
+    try:
+        sample, search_seconds = _train(cfg, data, run_dir, space, strategy,
+                                        _search_callbacks(cfg, data, run_dir, monitor, stop, callbacks), ckpt_path)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (at an epoch end, after that epoch's checkpoint)
+        last = run_dir / 'checkpoints' / LAST
+        raise SearchInterrupted(signal.SIGTERM, run_dir, last if last.exists() else None) from None
+    finally:
+        stop.restore()
     genotype = strategy.export_genotype() if hasattr(strategy, 'export_genotype') else None
     if not is_global_zero():  # another DDP rank: the same architecture (checked each epoch); rank 0 writes files
         return SearchResult(run_dir, genotype, sample, {'search_seconds': round(search_seconds, 2)})

@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nni.mutable import Categorical, CategoricalMultiple
 # NNI's public strategy package must be imported before its one-shot internals, or its own import of them fails
 # half-way (a circular import) and ``nni.nas.strategy.DARTS`` becomes a placeholder.
 from nni.nas.strategy import DARTS  # isort: skip
@@ -20,14 +21,18 @@ from nni.nas.nn.pytorch import InputChoice, LayerChoice
 from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from nni.nas.oneshot.pytorch.strategy import no_default_hook
 from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
-from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedRepeat
+from nni.nas.oneshot.pytorch.supermodule.differentiable import (DifferentiableMixedInput, DifferentiableMixedRepeat,
+                                                                MixedOpDifferentiablePolicy)
+from nni.nas.oneshot.pytorch.supermodule.operation import NATIVE_MIXED_OPERATIONS
 
 from search_spaces.cell import DartsCell, edge_label, input_label
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
+from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_cell_nodes, note_fallback,
+                         suppress_supernet_modules)
 
-__all__ = ['MixedEdge', 'MixedNode', 'VariantLightningModule', 'DartsVariant', 'loss_of', 'keep_zero_gradients',
-           'check_weight_grad_reset', 'WEIGHT_GRAD_RESETS']
+__all__ = ['MixedEdge', 'MixedNode', 'MixedInput', 'VariantLightningModule', 'DartsVariant', 'loss_of',
+           'first_per_label', 'keep_zero_gradients', 'check_weight_grad_reset', 'WEIGHT_GRAD_RESETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +40,16 @@ _logger = logging.getLogger(__name__)
 def loss_of(step_output: Any) -> torch.Tensor:
     """The loss in what a Lightning ``training_step`` returned (a tensor or a dict with ``'loss'``)."""
     return step_output['loss'] if isinstance(step_output, dict) else step_output
+
+
+def first_per_label(modules: Iterable[nn.Module], kind: type | tuple[type, ...]) -> dict[str, Any]:
+    """``{label: module}``: the first module of type ``kind`` per label, in ``modules`` order (modules with one
+    label share their choice and parameters, so one stands for all)."""
+    result: dict[str, Any] = {}
+    for module in modules:
+        if isinstance(module, kind):
+            result.setdefault(module.label, module)
+    return result
 
 
 #: How the weight gradients are reset between steps: ``'zeros'`` as ``zero_grad()`` of PyTorch 1.x (the official
@@ -218,11 +233,37 @@ class MixedNode(InputChoice, BaseSuperNetModule):
 
     @classmethod
     def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
-        if type(module) is InputChoice:
+        if type(module) is InputChoice and is_cell_node(module):
             if module.reduction != 'sum':
                 raise TypeError(f'InputChoice {module.label}: only reduction="sum" is supported, got '
                                 f'{module.reduction!r}')
             return cls.from_input_choice(module, memo.get(module.label), mutate_kwargs)
+        return None
+
+
+class MixedInput(DifferentiableMixedInput):
+    """DARTS on a free ``InputChoice`` (one outside a cell): ``sum_j softmax(alpha)_j * x_j``, top ``n_chosen`` kept.
+
+    NNI's ``DifferentiableMixedInput`` (``reduction`` ``'sum'`` or ``'mean'``; ``n_chosen=None`` is read as 1). Unlike
+    a cell node, whose incoming edges are mixed operations summed as they are, a free input choice is a real choice,
+    so its inputs are weighted. Variants with their own input maths subclass it (GDAS, ProxylessNAS, PARSEC).
+    """
+
+    @classmethod
+    def from_input_choice(cls, module: InputChoice, alpha: nn.Parameter,
+                          mutate_kwargs: dict[str, Any]) -> 'MixedInput':
+        return cls(module.n_candidates, module.n_chosen, alpha, mutate_kwargs.get('softmax', nn.Softmax(-1)),
+                   module.label)
+
+    @classmethod
+    def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+        if type(module) is InputChoice and not is_cell_node(module):
+            if module.reduction not in ('sum', 'mean'):
+                raise TypeError(f'InputChoice {module.label}: reduction={module.reduction!r} cannot be relaxed; use '
+                                'reduction="sum" or "mean"')
+            if module.label not in memo:
+                raise KeyError(f'InputChoice {module.label} has no architecture parameter in the memo')
+            return cls.from_input_choice(module, memo[module.label], mutate_kwargs)
         return None
 
 
@@ -253,16 +294,34 @@ class VariantLightningModule(DartsLightningModule):
         if hardware_cost:
             self.penalty = strategy.penalty
 
+    #: Order of the two steps of one batch: ``('arch', 'weight')`` (DARTS: the alphas see the weights before their
+    #: step) or ``('weight', 'arch')`` (GDAS). A one-level variant may drop ``'arch'`` or override
+    #: :meth:`architecture_step`.
+    step_order: ClassVar[tuple[str, ...]] = ('arch', 'weight')
+
     # ----- the step -----
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        """One batch: the steps of :attr:`step_order` (the arch step only if :meth:`arch_update_enabled`), then
+        :meth:`finish_step`. Returns what the weight step returned."""
         trn_batch, val_batch = batch['train'], batch['val']
-        if self.arch_update_enabled(batch_idx):
-            self.architecture_step(trn_batch, val_batch, batch_idx)
-        output = self.weight_step(trn_batch, batch_idx)
+        output = None
+        for step in self.step_order:
+            if step == 'weight':
+                output = self.weight_step(trn_batch, batch_idx)
+            elif step == 'arch':
+                if self.arch_update_enabled(batch_idx):
+                    self.architecture_step(trn_batch, val_batch, batch_idx)
+            else:
+                raise ValueError(f'{type(self).__name__}.step_order has an unknown step {step!r}; use "arch" and '
+                                 '"weight"')
+        self.finish_step(batch_idx)
+        return output
+
+    def finish_step(self, batch_idx: int) -> None:
+        """The tail of every batch: the evaluator's LR schedulers, and the probabilities every n steps."""
         self.advance_lr_schedulers(batch_idx)
         if batch_idx % self.log_prob_every_n_step == 0:
             self.log_probs(self.export_probs())
-        return output
 
     def arch_update_enabled(self, batch_idx: int) -> bool:
         """Whether this batch has an architecture step (not during warm-up)."""
@@ -377,12 +436,42 @@ class VariantLightningModule(DartsLightningModule):
         """Called right after the architecture optimizer step (e.g. ProxylessNAS rescales alphas here)."""
 
     def weight_step(self, trn_batch: Any, batch_idx: int) -> Any:
-        """Resample, then one step of the evaluator's optimizer on the training batch (gradients clipped)."""
+        """One step of the evaluator's optimizer: zero-grad, :meth:`weight_backward`, clip at
+        ``gradient_clip_val``, step. Returns what :meth:`weight_backward` returned."""
+        return self.optimize_weights(lambda: self.weight_backward(trn_batch, batch_idx), batch_idx,
+                                     self.gradient_clip_val)
+
+    def weight_backward(self, trn_batch: Any, batch_idx: int) -> Any:
+        """Fill the weight gradients: resample, the evaluator's ``training_step`` on the batch, backward.
+
+        Returns the evaluator's step output (logged by Lightning as the batch's loss).
+        """
         self.resample()
         with self.frozen_architecture():
             output = self.training_module.training_step(trn_batch, 2 * batch_idx + 1)
-        self.advance_optimization(loss_of(output), batch_idx, self.gradient_clip_val)
+        self.manual_backward(loss_of(output))
         return output
+
+    def optimize_weights(self, backward: Callable[[], Any], batch_idx: int, gradient_clip_val: float | None = None,
+                         gradient_clip_algorithm: str | None = None) -> Any:
+        """zero-grad -> ``backward()`` -> clip -> step of the evaluator's optimizer, through the evaluator's own
+        Lightning hooks (as NNI's ``advance_optimization`` for Lightning 2); returns what ``backward()`` returned."""
+        if not self.training_module.automatic_optimization:
+            raise ValueError('the evaluator uses manual optimization, which one-shot strategies cannot drive; '
+                             'use an evaluator with automatic optimization')
+        optimizer = self.lightning_weight_optimizer()
+        epoch = self.trainer.current_epoch
+        self.training_module.optimizer_zero_grad(epoch, batch_idx, optimizer)
+        result = backward()
+        self.training_module.configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.training_module.optimizer_step(epoch, batch_idx, optimizer)
+        return result
+
+    def advance_optimization(self, loss: Any, batch_idx: int, gradient_clip_val: float | None = None,
+                             gradient_clip_algorithm: str | None = None) -> None:
+        """NNI's hook for one weight step on ``loss``: :meth:`optimize_weights` with ``loss``'s backward."""
+        self.optimize_weights(lambda: self.manual_backward(loss), batch_idx, gradient_clip_val,
+                              gradient_clip_algorithm)
 
     # ----- parameters and optimizers -----
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -390,12 +479,19 @@ class VariantLightningModule(DartsLightningModule):
         arch = set(self.arch_parameters())
         return [p for p in self.training_module.parameters() if p not in arch]
 
-    def weight_optimizer(self) -> torch.optim.Optimizer:
-        """The evaluator's optimizer (the unwrapped ``torch.optim.Optimizer``)."""
+    def lightning_weight_optimizer(self) -> Any:
+        """The evaluator's optimizer as Lightning wraps it (stepping it counts the global step)."""
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         weight_opts = [o for o in optimizers if not getattr(o, 'is_arch_optimizer', False)]
-        return getattr(weight_opts[0], 'optimizer', weight_opts[0])
+        if len(weight_opts) != 1:
+            raise ValueError(f'the evaluator configures {len(weight_opts)} optimizers; one-shot search needs exactly '
+                             'one weight optimizer')
+        return weight_opts[0]
+
+    def weight_optimizer(self) -> torch.optim.Optimizer:
+        """The evaluator's optimizer (the unwrapped ``torch.optim.Optimizer``)."""
+        return self.lightning_weight_optimizer().optimizer
 
     def arch_parameters(self) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
@@ -422,39 +518,41 @@ class VariantLightningModule(DartsLightningModule):
         """Per-epoch schedule hook (temperatures, dropout rates, stages). Warm-up is handled by the base."""
 
     # ----- discretization -----
-    def darts_cells(self) -> dict[str, DartsCell]:
-        """One cell per type (cells of a type share their choices)."""
-        cells: dict[str, DartsCell] = {}
-        for module in self.training_module.modules():
-            if isinstance(module, DartsCell):
-                cells.setdefault(module.label, module)
-        return cells
+    def darts_cells(self) -> dict[str, DartsCell | MixedCell]:
+        """One cell per type (cells of a type share their choices): our DARTS cells and NNI cells."""
+        return first_per_label(self.training_module.modules(), (DartsCell, MixedCell))
+
+    def cell_edges(self) -> Iterator[tuple[int, int, MixedEdge]]:
+        """``(node, j, edge)`` for every edge of one cell per type (see :meth:`DartsCell.iter_edges`)."""
+        for cell in self.darts_cells().values():
+            yield from cell.iter_edges()
 
     def edge_weights(self, cell: DartsCell) -> dict[tuple[int, int], dict[str, float]]:
         """``{(node, j): {op: weight}}``: the weights the discretization ranks by (per edge ``ranking_weights``)."""
-        result = {}
-        for node in cell.node_indices:
-            for j in range(node):
-                edge = cell.edge(node, j)
-                result[(node, j)] = dict(zip(map(str, edge.names), edge.ranking_weights().cpu().tolist()))
-        return result
+        return {(node, j): dict(zip(map(str, edge.names), edge.ranking_weights().cpu().tolist()))
+                for node, j, edge in cell.iter_edges()}
 
-    def discretize(self, weights: dict[tuple[int, int], dict[str, float]]) -> dict[int, list[tuple[str, int]]]:
-        """Genotype rule: ``{node: [(op, j), (op, j)]}`` from the edge weights (default: the DARTS rule)."""
-        return darts_rule(weights)
+    def discretize(self, weights: dict[tuple[int, int], dict[str, float]],
+                   cell: DartsCell | MixedCell | None = None, per_node: int = 2) -> dict[int, list[tuple[str, int]]]:
+        """Genotype rule: ``{node: [(op, j), ...]}``, ``per_node`` inputs per node, from the edge weights of ``cell``
+        (default: the DARTS rule, whatever the cell)."""
+        return darts_rule(weights, per_node=per_node)
 
-    def export_cell(self, cell: DartsCell) -> dict[str, Any]:
-        """NNI sample entries of one cell type: the two chosen inputs per node and an operation for every edge."""
+    def export_cell(self, cell: DartsCell | MixedCell) -> dict[str, Any]:
+        """NNI sample entries of one cell type: the chosen inputs per node and an operation for every edge
+        (a :class:`~.nni_spaces.MixedCell` writes NNI's own ``op_{i}_{k}`` / ``input_{i}_{k}`` labels)."""
         weights = self.edge_weights(cell)
-        nodes = self.discretize(weights)
+        if isinstance(cell, MixedCell):
+            return cell.sample(self.discretize(weights, cell, per_node=cell.num_ops_per_node))
+        nodes = self.discretize(weights, cell)
         sample: dict[str, Any] = {}
         for node, pairs in nodes.items():
             sample[input_label(cell.label, node)] = sorted(j for _, j in pairs)
             chosen = {j: op for op, j in pairs}
-            for j in range(node):
-                ops = weights[(node, j)]
-                best = chosen.get(j) or max((o for o in ops if o != 'none'), key=ops.get, default=next(iter(ops)))
-                sample[edge_label(cell.label, node, j)] = best
+            for (target, j), ops in weights.items():
+                if target == node:
+                    best = chosen.get(j) or max((o for o in ops if o != 'none'), key=ops.get, default=next(iter(ops)))
+                    sample[edge_label(cell.label, node, j)] = best
         return sample
 
     def export(self) -> dict[str, Any]:
@@ -462,13 +560,19 @@ class VariantLightningModule(DartsLightningModule):
         sample: dict[str, Any] = {}
         for cell in self.darts_cells().values():
             sample.update(self.export_cell(cell))
-        for module in self.supernet_modules():
+        for module in self.free_supernet_modules():
             sample.update(module.export(memo=sample))
         return sample
 
+    def free_supernet_modules(self) -> Iterator[BaseSuperNetModule]:
+        """Supermodules that export themselves (not the edges and nodes inside an NNI cell's supernet)."""
+        owned = {id(m) for cell in self.training_module.modules() if isinstance(cell, MixedCell)
+                 for m in cell.modules() if m is not cell}
+        return (m for m in self.supernet_modules() if id(m) not in owned)
+
     def export_genotype(self) -> Genotype | None:
         """The exported architecture as a :class:`~nni_darts_variants.genotype.Genotype` (``None`` without cells)."""
-        cells = self.darts_cells()
+        cells = {label: c for label, c in self.darts_cells().items() if isinstance(c, DartsCell)}
         if set(cells) != set(CELL_TYPES):
             return None
         return Genotype.from_sample(self.export(), num_nodes=cells['normal'].num_nodes)
@@ -481,28 +585,43 @@ class VariantLightningModule(DartsLightningModule):
 class DartsVariant(DARTS):
     """Base of every strategy in this package: an NNI ``DARTS`` strategy with the places where variants differ.
 
-    Lifecycle (each hook may be overridden by a variant; the rest is inherited):
+    Lifecycle (each hook may be overridden by a variant; the rest is inherited). A variant overrides only these
+    hooks; nothing else is looked up by ``getattr``:
 
+    0. Before anything is built: ``check_trainer(max_epochs, **args)`` (class method; uses
+       ``trainer_max_epochs(**args)``) rejects a trainer that cannot run the strategy, when the config resolves.
+       ``smoke_kwargs()`` gives the arguments of a seconds-long smoke search (tests, conformance suite),
+       ``full_step_kwargs()`` those with which every batch has both steps (the benchmark), and
+       ``schedule_epochs(max_epochs)`` the epochs one run of the weight LR schedule spans. **Hooks: class-level
+       settings.**
     1. ``NasExperiment.run()`` calls :meth:`mutate_model`: NNI creates one alpha ``randn * 1e-3`` per choice label,
        then runs :meth:`default_mutation_hooks` top-down over the model space. ``edge_class.mutate`` replaces every
        ``LayerChoice`` with the variant's :class:`MixedEdge` and ``node_class.mutate`` every ``InputChoice`` with its
        :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). **Hook: the mixed-edge
-       forward** (``edge_class``, ``node_class``).
+       forward** (``edge_class``, ``node_class``, ``mutate_kwargs``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
        (Adam with ``arc_learning_rate``, ``arc_betas``, ``arc_weight_decay``); NNI removes the alphas from the
        evaluator's weight optimizer. **Hook: the architecture optimizer.**
     3. At each epoch start, ``schedule(epoch, max_epochs)`` runs (warm-up needs nothing: see step 4).
        **Hook: the per-epoch schedule** (temperatures, dropout, stages).
-    4. For every pair of batches ``{'train', 'val'}`` (the DARTS 50/50 split), ``training_step`` runs
-       ``architecture_step`` (skipped while ``epoch < warmup_epochs``: ``resample()``, ``compute_arch_gradients``,
-       optional clipping, ``before_architecture_update``, optimizer step, ``after_architecture_update``), then
-       ``weight_step`` (``resample()``, the evaluator's loss, backward, clip at ``gradient_clip_val``, the evaluator's
-       optimizer), then the evaluator's LR schedulers. **Hook: the architecture update step.**
-    5. ``export()`` discretizes each DARTS cell with ``edge_weights`` and ``discretize`` (default: the DARTS rule on
-       softmax weights, ``none`` excluded) into an NNI sample (labels ``'{cell}/op_{node}_{j}'`` and
-       ``'{cell}/input_{node}'``) that ``model_space.freeze`` accepts; other choices export their strongest candidate.
-       **Hook: the discretization into a genotype.**
+    4. For every pair of batches ``{'train', 'val'}`` (the DARTS 50/50 split), ``training_step`` runs the steps of
+       ``step_order`` (default ``('arch', 'weight')``), then ``finish_step(batch_idx)`` (the evaluator's LR
+       schedulers, the logged probabilities):
+
+       * ``architecture_step`` (skipped unless ``arch_update_enabled(batch_idx)``, i.e. during warm-up):
+         ``resample()``, ``compute_arch_gradients``, optional clipping, ``before_architecture_update``, optimizer
+         step, ``after_architecture_update``;
+       * ``weight_step``: ``optimize_weights`` runs the evaluator's zero-grad, ``weight_backward`` (default:
+         ``resample()``, the evaluator's loss on the training batch, backward), clipping at ``gradient_clip_val``
+         and the evaluator's optimizer step.
+
+       **Hooks: the architecture and weight updates** (``step_order``, ``arch_update_enabled``,
+       ``compute_arch_gradients``, ``architecture_step``, ``weight_backward``, ``weight_step``, ``finish_step``).
+    5. ``export()`` discretizes each DARTS cell (``export_cell``) with ``edge_weights(cell)`` and
+       ``discretize(weights, cell)`` (default: the DARTS rule on softmax weights, ``none`` excluded) into an NNI
+       sample (labels ``'{cell}/op_{node}_{j}'`` and ``'{cell}/input_{node}'``) that ``model_space.freeze`` accepts;
+       other choices export their strongest candidate. **Hook: the discretization into a genotype.**
 
     Parameters
     ----------
@@ -529,12 +648,21 @@ class DartsVariant(DARTS):
         Extra NNI mutation hooks, run before the variant's own.
     """
 
-    #: Name in the registry (``create_strategy(name)``).
+    #: Name in the registry (``create_strategy(name)``); for built-ins set by ``register_strategy`` from
+    #: ``registry.BUILTIN_STRATEGIES``, where it is written once.
     name: ClassVar[str] = ''
-    #: One line for ``nni-darts list``.
+    #: One line for ``nni-darts list`` (for built-ins, likewise from the registry).
     description: ClassVar[str] = ''
     edge_class: ClassVar[type[MixedEdge]] = MixedEdge
     node_class: ClassVar[type[MixedNode]] = MixedNode
+    #: Supermodule of a free ``InputChoice`` (one outside a cell).
+    input_class: ClassVar[type[MixedInput]] = MixedInput
+    #: NNI's sampling policy for the value choices of mutable modules (``MutableConv2d`` ...); ``None``: the variant
+    #: refuses them at mutation.
+    mixed_op_policy: ClassVar[type | None] = MixedOpDifferentiablePolicy
+    #: Labels where the variant's own mathematics has no meaning and plain DARTS is used instead, per construct
+    #: (``'value choice'``, ``'repeat depth'``): listed in one warning after mutation.
+    darts_fallback_for: ClassVar[tuple[str, ...]] = ()
     module_class: ClassVar[type[VariantLightningModule]] = VariantLightningModule
 
     def __init__(self, *, arc_learning_rate: float = 3e-4, arc_betas: Sequence[float] = (0.5, 0.999),
@@ -582,23 +710,106 @@ class DartsVariant(DARTS):
         """Configuration handed to the supermodules' ``mutate`` (override to add the variant's settings)."""
         return {}
 
-    @classmethod
-    def check_trainer(cls, max_epochs: int) -> None:
-        """Raise ``ValueError`` if the search cannot run for ``max_epochs`` epochs (called when the config resolves)."""
-
     def schedule_epochs(self, max_epochs: int) -> int:
         """Epochs that one run of the weight learning-rate schedule spans: the whole search by default."""
         return max_epochs
 
+    @classmethod
+    def smoke_kwargs(cls) -> dict[str, Any]:
+        """Keyword arguments for a seconds-long smoke search on the tiny test space (tests, conformance suite) in
+        which the architecture parameters move: no warm-up by default."""
+        return {'warmup_epochs': 0}
+
+    @classmethod
+    def quick_kwargs(cls) -> dict[str, Any]:
+        """Old name of :meth:`smoke_kwargs` (kept for callers written before it)."""
+        return cls.smoke_kwargs()
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        """Overrides of the defaults with which every batch has both an architecture and a weight step (no
+        warm-up, an arch step every batch), on the unchanged network: used by the benchmark. None by default."""
+        return {}
+
+    @classmethod
+    def trainer_max_epochs(cls, **strategy_args: Any) -> int | None:
+        """The trainer's ``max_epochs`` that the strategy built with ``strategy_args`` requires (``None``: any)."""
+        return None
+
+    def required_max_epochs(self) -> int | None:
+        """:meth:`trainer_max_epochs` of this strategy's own arguments (``None``: any)."""
+        return None
+
+    @classmethod
+    def check_trainer(cls, max_epochs: int | None, **strategy_args: Any) -> None:
+        """Raise ``ValueError`` when a trainer of ``max_epochs`` cannot run the strategy built with
+        ``strategy_args``; nothing is built, so a config can be checked when it resolves."""
+        required = cls.trainer_max_epochs(**strategy_args)
+        if required is not None and max_epochs != required:
+            raise ValueError(f'{cls.name or cls.__name__} with these arguments runs {required} epochs: set the '
+                             f"trainer's max_epochs to {required} (got {max_epochs})")
+
+    @classmethod
+    def resolved_arguments(cls, **strategy_args: Any) -> dict[str, Any]:
+        """``strategy_args`` completed with the defaults of the class's keyword parameters."""
+        from ..registry import strategy_parameters
+        defaults = {k: p.default for k, p in strategy_parameters(cls).items() if p.default is not p.empty}
+        return {**defaults, **strategy_args}
+
     def default_mutation_hooks(self) -> list:
-        return [self.edge_class.mutate, self.node_class.mutate, DifferentiableMixedRepeat.mutate, no_default_hook]
+        """Our cells' nodes are tagged, NNI cells become :class:`~.nni_spaces.MixedCell` of the variant's edges and
+        nodes, then choices, free inputs, repeats and mutable modules get their supermodules; anything left over is
+        refused with its construct named."""
+        hooks = [suppress_supernet_modules, mark_cell_nodes, MixedCell.hook(self.edge_class, self.node_class),
+                 self.edge_class.mutate, self.node_class.mutate, self.input_class.mutate,
+                 self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
+        if self.mixed_op_policy is not None:
+            hooks += [self._fallback_hook('value choice', op.mutate) for op in NATIVE_MIXED_OPERATIONS]
+        return hooks + [self.refuse_dangling, no_default_hook]
+
+    def _fallback_hook(self, construct: str, hook: Any) -> Any:
+        """``hook``, recording the labels it relaxes when this variant falls back to DARTS for ``construct``."""
+        if construct not in self.darts_fallback_for:
+            return hook
+
+        def noted(module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+            result = hook(module, name, memo, mutate_kwargs)
+            if result is not None and result is not False:
+                for label in getattr(module, 'depth_choice', module).simplify():
+                    note_fallback(mutate_kwargs, f'{construct} (relaxed as DARTS)', label)
+            return result
+        return noted
+
+    def refuse_dangling(self, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]
+                        ) -> None:
+        """A mutation hook: a mutable module no hook has replaced is refused, naming it and what to do."""
+        if dangling(module):
+            labels = ', '.join(sorted(module.simplify()))
+            raise TypeError(f'{self.name or type(self).__name__} cannot search `{name}` ({type(module).__name__}, '
+                            f'choices {labels}): its algorithm has no notion of value choices in mutable modules; fix '
+                            'those values, or search this space with darts, pcdarts, gdas, mergenas or dropnas')
+
+    def mutate_model(self, model: Any) -> Any:
+        """NNI's mutation, then one warning per construct listing the labels searched by plain DARTS."""
+        for label, mutable in model.simplify().items():
+            if not isinstance(mutable, (Categorical, CategoricalMultiple)):
+                raise TypeError(f'{type(model).__name__}: {label} is a {type(mutable).__name__}, not a categorical '
+                                'choice; one-shot strategies (ours and NNI\'s DARTS) cannot relax it. Search this space '
+                                'with a multi-trial strategy such as nni.nas.strategy.RegularizedEvolution')
+        self._fallbacks: dict[str, list[str]] = {}
+        model = super().mutate_model(model)
+        for reason, labels in self._fallbacks.items():
+            _logger.warning('%s: %s falls back to plain DARTS on %d choice(s): %s', self.name, reason, len(labels),
+                            ', '.join(labels))
+        return model
 
     def run_hook(self, hook: Any, name: str, module: nn.Module, memo: dict[str, Any]) -> Any:
-        if not memo.get('_validated'):
-            memo.update(self._arch_parameters)
-            memo['_validated'] = True
-        kwargs = {'softmax': nn.Softmax(-1), **self.mutate_kwargs()}
-        return hook(module, name, memo, kwargs)
+        """NNI's DARTS ``run_hook`` (it puts the alphas in the memo), with the variant's mixed-operation policy,
+        :meth:`mutate_kwargs` and the fallback record added to the keyword arguments the supermodules receive."""
+        def with_variant_kwargs(module: nn.Module, name: str, memo: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+            return hook(module, name, memo, {**kwargs, 'mixed_op_sampling': self.mixed_op_policy,
+                                             **self.mutate_kwargs(), FALLBACKS_KEY: getattr(self, '_fallbacks', {})})
+        return super().run_hook(with_variant_kwargs, name, module, memo)
 
     def configure_oneshot_module(self, training_module: Any) -> VariantLightningModule:
         return self.module_class(training_module, self)

@@ -149,8 +149,6 @@ class Darts(DartsVariant):
         (0.5, 0.999), weight decay 1e-3; weight gradients clipped at 5).
     """
 
-    name = 'darts'
-    description = 'DARTS (Liu et al. 2019): softmax-mixed ops, first order or unrolled second order (order=2)'
     module_class = DartsLightning
 
     def __init__(self, *, order: int = 1, unrolled_lr: float | None = None, **kwargs: Any):

@@ -11,8 +11,8 @@ from nni.nas.nn.pytorch import LayerChoice
 
 from search_spaces.ops import PRIMITIVES
 from ..registry import register_strategy
-from .base import (DartsVariant, MixedEdge, VariantLightningModule, check_weight_grad_reset, keep_zero_gradients,
-                   loss_of)
+from .base import (DartsVariant, MixedEdge, VariantLightningModule, check_weight_grad_reset, first_per_label,
+                   keep_zero_gradients, loss_of)
 
 __all__ = ['DropNAS', 'DropEdge', 'DropNASLightning', 'PARAMETRIC_OPS', 'operation_groups', 'sample_group_mask',
            'kept_share', 'adjust_kept_alphas', 'partial_decay_loss']
@@ -147,26 +147,35 @@ class DropNASLightning(VariantLightningModule):
     still decays with the zero gradient).
     """
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
-        arch = self.arch_update_enabled(batch_idx)
+    step_order = ('weight', 'arch')
+
+    def weight_step(self, trn_batch: Any, batch_idx: int) -> Any:
+        """Steps 1 and 2 up to the weight step; the backward also fills the alpha gradients (one level)."""
         self.resample()
-        edges = self.drop_edges()
-        shares = {label: kept_share(e.alpha.detach(), e.kept) for label, e in edges.items() if e.has_drops()}
-        arc_optim = self.architecture_optimizers()
-        arc_optim.zero_grad()
-        output = self.training_module.training_step(batch['train'], batch_idx)
-        self.advance_optimization(self.one_level_loss(loss_of(output), batch['train'], arch), batch_idx,
-                                  self.gradient_clip_val)
-        if arch:
-            self.masked_arch_step(arc_optim, edges)
-        self.partial_decay_step(arc_optim, edges, arch, batch_idx)
-        if arch:
-            for label, share in shares.items():
-                adjust_kept_alphas(edges[label].alpha, edges[label].kept, share)
-        self.advance_lr_schedulers(batch_idx)
-        if batch_idx % self.log_prob_every_n_step == 0:
-            self.log_probs(self.export_probs())
+        self._step_edges = self.drop_edges()
+        self._step_shares = {label: kept_share(e.alpha.detach(), e.kept)
+                             for label, e in self._step_edges.items() if e.has_drops()}
+        self.architecture_optimizers().zero_grad()
+        return super().weight_step(trn_batch, batch_idx)
+
+    def weight_backward(self, trn_batch: Any, batch_idx: int) -> Any:
+        """The loss of the masks drawn in :meth:`weight_step` (no new sample), backward."""
+        output = self.training_module.training_step(trn_batch, batch_idx)
+        self.manual_backward(self.one_level_loss(loss_of(output), trn_batch, self.arch_update_enabled(batch_idx)))
         return output
+
+    def architecture_step(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> None:
+        """The alpha step of step 2, on the gradients of the weight step's backward."""
+        self.masked_arch_step(self.architecture_optimizers(), self._step_edges)
+
+    def finish_step(self, batch_idx: int) -> None:
+        """Steps 3 and 4, then the base's tail."""
+        arch = self.arch_update_enabled(batch_idx)
+        self.partial_decay_step(self.architecture_optimizers(), self._step_edges, arch, batch_idx)
+        if arch:
+            for label, share in self._step_shares.items():
+                adjust_kept_alphas(self._step_edges[label].alpha, self._step_edges[label].kept, share)
+        super().finish_step(batch_idx)
 
     def one_level_loss(self, loss: torch.Tensor, batch: Any, arch: bool) -> torch.Tensor:
         """The loss of both steps: with a hardware cost or penalty, ``loss + penalized(loss') - loss'`` where
@@ -178,11 +187,7 @@ class DropNASLightning(VariantLightningModule):
 
     def drop_edges(self) -> dict[str, DropEdge]:
         """One :class:`DropEdge` per label (edges of a label share alpha and mask)."""
-        edges: dict[str, DropEdge] = {}
-        for module in self.supernet_modules():
-            if isinstance(module, DropEdge):
-                edges.setdefault(module.label, module)
-        return edges
+        return first_per_label(self.supernet_modules(), DropEdge)
 
     def masked_arch_step(self, arc_optim: Any, edges: dict[str, DropEdge]) -> None:
         """Step the alpha optimizer, then put back the dropped alphas (momentum must not move them)."""
@@ -204,7 +209,7 @@ class DropNASLightning(VariantLightningModule):
         if decay is None:
             return
         arc_optim.zero_grad()
-        self.advance_optimization(decay, batch_idx, self.gradient_clip_val)
+        self.optimize_weights(lambda: self.manual_backward(decay), batch_idx, self.gradient_clip_val)
         if arch:
             self.masked_arch_step(arc_optim, edges)
 
@@ -265,9 +270,8 @@ class DropNAS(DartsVariant):
         alphas are frozen.
     """
 
-    name = 'dropnas'
-    description = 'DropNAS (Hong et al. 2020): grouped operation dropout for one-level DARTS'
     edge_class = DropEdge
+    darts_fallback_for = ('value choice',)
     module_class = DropNASLightning
 
     def __init__(self, *, drop_rate: float = 3e-5, weight_decay: float = 3e-4, alpha_decay: float = 1e-3,
@@ -290,6 +294,6 @@ class DropNAS(DartsVariant):
         return {'drop_rate': self.drop_rate}
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A smoke search that exercises the dropout (per-op drop probability about 0.47)."""
         return {'warmup_epochs': 0, 'drop_rate': 0.05}

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from nni.nas.nn.pytorch import LayerChoice
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule, check_weight_grad_reset, keep_zero_gradients
+from .base import (DartsVariant, MixedEdge, MixedInput, VariantLightningModule, check_weight_grad_reset,
+                   keep_zero_gradients)
 
-__all__ = ['Gdas', 'GumbelMaxEdge', 'GdasLightning', 'gumbel_noise', 'linear_temperature']
+__all__ = ['Gdas', 'GumbelMaxEdge', 'GumbelMaxInput', 'GdasLightning', 'gumbel_noise', 'linear_temperature']
 
 _logger = logging.getLogger(__name__)
 
@@ -109,18 +110,42 @@ class GumbelMaxEdge(MixedEdge):
         return cls(module.candidates, alpha, module.label, temperature=mutate_kwargs.get('temperature', 10.0))
 
 
+class GumbelMaxInput(MixedInput):
+    """GDAS on a free ``InputChoice``: ``n_chosen`` inputs drawn by Gumbel-top-k, straight-through weights.
+
+    ``k_1..k_n`` are the ``n_chosen`` largest ``log_softmax(alpha) + g`` (sampling without replacement from
+    ``softmax(alpha)``); only they enter the output, each scaled by ``1 - probs_k.detach() + probs_k`` with
+    ``probs = softmax((log_softmax(alpha) + g) / tau)``: the value is the plain sum (or mean) of the chosen inputs and
+    the gradient reaches every alpha. The noise is shared by all modules with the label.
+    """
+
+    temperature: float = 10.0
+    _noise: torch.Tensor | None = None
+    chosen: list[int] | None = None
+
+    def _probs(self) -> torch.Tensor:
+        return F.softmax((F.log_softmax(self._arch_alpha, dim=-1) + self._noise) / self.temperature, dim=-1)
+
+    def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
+        noise_key = self.label + _NOISE_KEY
+        self._noise = memo[noise_key] if noise_key in memo else gumbel_noise(self._arch_alpha.detach())
+        with torch.no_grad():
+            scores = F.log_softmax(self._arch_alpha, dim=-1) + self._noise
+            self.chosen = sorted(torch.topk(scores, self.n_chosen or 1).indices.tolist())
+        return {self.label: list(self.chosen), noise_key: self._noise}
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if self.chosen is None:
+            self.resample({})
+        probs = self._probs()
+        out = sum(inputs[j] * (1 - probs[j].detach() + probs[j]) for j in self.chosen)
+        return out / len(self.chosen) if self.reduction == 'mean' else out
+
+
 class GdasLightning(VariantLightningModule):
     """GDAS search loop: weight step first, then the architecture step, each on a fresh sample; annealed ``tau``."""
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
-        trn_batch, val_batch = batch['train'], batch['val']
-        output = self.weight_step(trn_batch, batch_idx)
-        if self.arch_update_enabled(batch_idx):
-            self.architecture_step(trn_batch, val_batch, batch_idx)
-        self.advance_lr_schedulers(batch_idx)
-        if batch_idx % self.log_prob_every_n_step == 0:
-            self.log_probs(self.export_probs())
-        return output
+    step_order = ('weight', 'arch')
 
     def resample(self) -> dict[str, Any]:
         """Draw one sample per label (shared by all cells of a type); returns it as an NNI sample."""
@@ -131,7 +156,7 @@ class GdasLightning(VariantLightningModule):
         """Set the Gumbel temperature of every edge for this epoch (linear ``tau_max`` to ``tau_min``)."""
         tau = linear_temperature(epoch, max_epochs, self.strategy.tau_max, self.strategy.tau_min)
         for module in self.supernet_modules():
-            if isinstance(module, GumbelMaxEdge):
+            if isinstance(module, (GumbelMaxEdge, GumbelMaxInput)):
                 module.temperature = tau
         _logger.debug('epoch %d: Gumbel temperature %.4f', epoch, tau)
         self.log('gumbel_temperature', tau)
@@ -176,9 +201,9 @@ class Gdas(DartsVariant):
         belongs to the evaluator.
     """
 
-    name = 'gdas'
-    description = 'GDAS (Dong & Yang 2019): hard Gumbel-max sampling, one op per edge, straight-through gradients'
     edge_class = GumbelMaxEdge
+    input_class = GumbelMaxInput
+    darts_fallback_for = ('repeat depth', 'value choice')
     module_class = GdasLightning
 
     def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, arc_learning_rate: float = 3e-4,

@@ -14,6 +14,7 @@ from search_spaces.ops import build_op
 from ..registry import register_strategy
 from .base import MixedEdge
 from .darts import Darts
+from .nni_spaces import darts_edge_spec, note_fallback
 
 __all__ = ['MergeNAS', 'MergedEdge', 'MergedCandidate']
 
@@ -87,10 +88,14 @@ class MergedEdge(MixedEdge):
 
     @classmethod
     def from_layer_choice(cls, module: LayerChoice, alpha: nn.Parameter, mutate_kwargs: dict[str, Any]) -> MixedEdge:
-        """A merged edge for a DARTS cell edge (``module.darts_edge``); a plain DARTS mixed edge for other choices."""
+        """A merged edge wherever the candidates are the DARTS operation family (a ``DartsCell`` edge's ``darts_edge``,
+        or recognised by :func:`~.nni_spaces.darts_edge_spec`, e.g. NNI's hub DARTS ops); a plain DARTS mixed edge
+        elsewhere, listed in the strategy's one fallback warning."""
         spec = getattr(module, 'darts_edge', None)
         if not isinstance(spec, EdgeSpec):
-            _logger.debug('%s has no EdgeSpec: searched as a plain DARTS mixed edge', module.label)
+            spec = darts_edge_spec(module.label, dict(zip(map(str, module.names), module.candidates.values())))
+        if spec is None:
+            note_fallback(mutate_kwargs, 'MergeNAS: candidates outside the DARTS operation family', module.label)
             return MixedEdge(module.candidates, alpha, module.label)
         return cls(spec, module.names, alpha, module.label)
 
@@ -120,6 +125,5 @@ class MergeNAS(Darts):
         weight decay 1e-3; weight gradients clipped at 5).
     """
 
-    name = 'mergenas'
-    description = 'MergeNAS (Wang et al. 2020): the convolutions of an edge merged into one masked kernel'
     edge_class = MergedEdge
+    darts_fallback_for = ('value choice',)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from search_spaces.cell import DartsCell, edge_label, input_label
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, loss_of
+from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule, first_per_label, loss_of
+from .nni_spaces import MixedCell
 
-__all__ = ['Parsec', 'ParsecEdge', 'ParsecNode', 'ParsecLightning', 'importance_weights', 'sample_architecture',
+__all__ = ['Parsec', 'ParsecEdge', 'ParsecNode', 'ParsecInput', 'ParsecLightning', 'importance_weights', 'sample_architecture',
            'log_prior', 'importance_weighted_backward']
 
 
@@ -162,6 +163,33 @@ class ParsecNode(MixedNode):
         yield self.alpha
 
 
+class ParsecInput(ParsecNode):
+    """PARSEC on a free ``InputChoice``: the same prior over ``n_chosen`` inputs; the child reduces only the chosen
+    ones (``sum``, ``mean`` or ``concat``, as the choice says)."""
+
+    @classmethod
+    def from_input_choice(cls, module: Any, alpha: nn.Parameter | None, mutate_kwargs: dict[str, Any]) -> 'ParsecInput':
+        node = cls(module.n_candidates, module.n_chosen or 1, module.label, alpha)
+        node.reduction = module.reduction
+        return node
+
+    @classmethod
+    def mutate(cls, module: nn.Module, name: str, memo: dict[str, Any], mutate_kwargs: dict[str, Any]) -> Any:
+        from nni.nas.nn.pytorch import InputChoice
+        from .nni_spaces import is_cell_node
+        if type(module) is InputChoice and not is_cell_node(module):
+            return cls.from_input_choice(module, memo.get(module.label), mutate_kwargs)
+        return None
+
+    def forward(self, inputs: list[torch.Tensor | None]) -> torch.Tensor:
+        if self.chosen is None:
+            self.resample({})
+        chosen = [inputs[j] for j in sorted(self.chosen)]
+        if self.reduction == 'concat':
+            return torch.cat(chosen, 1)
+        return sum(chosen) / len(chosen) if self.reduction == 'mean' else sum(chosen)
+
+
 def sample_architecture(model: nn.Module) -> dict[str, Any]:
     """Draw a child ``a ~ p(a | pi)`` (one draw per label, shared by cells of a type) and switch off, in every
     :class:`DartsCell`, the edges whose input was not chosen."""
@@ -170,9 +198,9 @@ def sample_architecture(model: nn.Module) -> dict[str, Any]:
         if isinstance(module, (ParsecEdge, ParsecNode)):
             sample.update(module.resample(memo=sample))
     for cell in model.modules():
-        if isinstance(cell, DartsCell):
+        if isinstance(cell, (DartsCell, MixedCell)):
             for node in cell.node_indices:
-                chosen = sample.get(input_label(cell.label, node))
+                chosen = sample.get(cell.inputs[str(node)].label)
                 for j in range(node):
                     edge = cell.edge(node, j)
                     if isinstance(edge, ParsecEdge) and chosen is not None:
@@ -183,10 +211,7 @@ def sample_architecture(model: nn.Module) -> dict[str, Any]:
 def log_prior(model: nn.Module) -> torch.Tensor:
     """``log p(a | pi)`` of the current child, over the choices it uses (ops of switched-off edges are left out:
     they do not change the likelihood, so their score terms would only add variance)."""
-    choices: dict[str, ParsecEdge | ParsecNode] = {}
-    for module in model.modules():
-        if isinstance(module, (ParsecEdge, ParsecNode)):
-            choices.setdefault(module.label, module)
+    choices = first_per_label(model.modules(), (ParsecEdge, ParsecNode))
     terms = [c.log_prob() for c in choices.values() if not isinstance(c, ParsecEdge) or c.enabled]
     return torch.stack(terms).sum()
 
@@ -228,28 +253,21 @@ class ParsecLightning(VariantLightningModule):
     def _weight_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return loss_of(self.training_module.training_step(batch, batch_idx))
 
-    def weight_step(self, trn_batch: Any, batch_idx: int) -> Any:
-        """Shared weights: ``sum_k omega_k grad loss_k`` over K children on the training batch, then one step."""
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        optimizer = next(o for o in optimizers if not getattr(o, 'is_arch_optimizer', False))
-        epoch = self.trainer.current_epoch
-        self.training_module.optimizer_zero_grad(epoch, batch_idx, optimizer)
-        loss = importance_weighted_backward(
+    def weight_backward(self, trn_batch: Any, batch_idx: int) -> torch.Tensor:
+        """Shared weights: ``sum_k omega_k grad loss_k`` over K children on the training batch (the base steps)."""
+        return importance_weighted_backward(
             lambda: self._sample_loss(trn_batch, 2 * batch_idx + 1, self._weight_loss), self.strategy.num_samples,
             self.weight_parameters(), self.manual_backward)
-        self.training_module.configure_gradient_clipping(optimizer, self.gradient_clip_val, None)
-        self.training_module.optimizer_step(epoch, batch_idx, optimizer)
-        self._optimizer_progress += 1
-        return loss
 
     def export_cell(self, cell: DartsCell) -> dict[str, Any]:
         """The mode of the prior: top-``n_chosen`` input logits per node, argmax op logit (not ``none``) per edge."""
+        if isinstance(cell, MixedCell):
+            return cell.sample({node: [(cell.edge(node, j).mode(), j) for j in cell.inputs[str(node)].mode()]
+                                for node in cell.node_indices})
         sample: dict[str, Any] = {}
-        for node in cell.node_indices:
-            sample[input_label(cell.label, node)] = cell.inputs[str(node)].mode()
-            for j in range(node):
-                sample[edge_label(cell.label, node, j)] = cell.edge(node, j).mode()
+        for node, j, edge in cell.iter_edges():
+            sample.setdefault(input_label(cell.label, node), cell.inputs[str(node)].mode())
+            sample[edge_label(cell.label, node, j)] = edge.mode()
         return sample
 
 
@@ -287,10 +305,11 @@ class Parsec(DartsVariant):
         (``softmax`` of the op logits; each DARTS edge weighted by its share ``2 / n``) is added to the surrogate.
     """
 
-    name = 'parsec'
-    description = 'PARSEC (Casale et al. 2019): sampled child networks, importance-weighted empirical Bayes'
     edge_class: ClassVar[type[MixedEdge]] = ParsecEdge
     node_class: ClassVar[type[MixedNode]] = ParsecNode
+    input_class = ParsecInput
+    mixed_op_policy = None
+    darts_fallback_for = ('repeat depth',)
     module_class = ParsecLightning
 
     def __init__(self, *, num_samples: int = 4, sample_none: bool = False, **kwargs: Any):

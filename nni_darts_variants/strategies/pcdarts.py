@@ -13,6 +13,7 @@ from search_spaces.cell import DartsCell, EdgeSpec
 from search_spaces.ops import build_op
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, MixedNode, VariantLightningModule
+from .nni_spaces import note_fallback, partial_candidates
 
 __all__ = ['PCDarts', 'PartialChannelEdge', 'EdgeNormalizedNode', 'PCDartsLightning', 'channel_shuffle',
            'IMAGENET_PRESET']
@@ -56,8 +57,9 @@ class PartialChannelEdge(MixedEdge):
     ``out = channel_shuffle(cat([sum_o softmax(alpha)_o * o(x[:, :C/K]), bypass(x[:, C/K:])]), K)``, where the
     candidates are rebuilt at ``C/K`` channels from the edge's :class:`~search_spaces.cell.EdgeSpec` and
     ``bypass`` is ``MaxPool2d(2, 2)`` on stride-2 edges and the identity otherwise (official ``MixedOp``). The slice
-    is fixed; the shuffle moves other channels into it in the next cell. Choices outside DARTS cells (no
-    ``darts_edge``) keep their candidates and are mixed over all channels (K=1).
+    is fixed; the shuffle moves other channels into it in the next cell. Other choices (NNI cells, hub spaces) get
+    the same treatment wherever their candidates keep the channel count: they are rebuilt at ``C/K`` channels
+    (:meth:`from_candidates`); the rest are mixed over all channels (K=1) and listed in one warning.
     """
 
     def __init__(self, candidates: dict[str, nn.Module], alpha: nn.Parameter, label: str, *,
@@ -79,14 +81,31 @@ class PartialChannelEdge(MixedEdge):
     def from_layer_choice(cls, module: LayerChoice, alpha: nn.Parameter,
                           mutate_kwargs: dict[str, Any]) -> 'PartialChannelEdge':
         spec: EdgeSpec | None = getattr(module, 'darts_edge', None)
-        if spec is None:
-            _logger.debug('%s is not a DARTS cell edge: mixed over all channels', module.label)
-            return cls(module.candidates, alpha, module.label)
         k = int(mutate_kwargs.get('partial_channels_k', 1))
+        if spec is None:
+            return cls.from_candidates(module, alpha, k, mutate_kwargs)
         names = [str(n) for n in module.names]
         check_partial_channels(spec, names, k)
         candidates = {n: build_op(n, spec.channels // k, spec.stride, spec.affine, spec.pool_bn) for n in names}
         return cls(candidates, alpha, module.label, partial_channels_k=k, stride=spec.stride)
+
+    @classmethod
+    def from_candidates(cls, module: LayerChoice, alpha: nn.Parameter, k: int,
+                        mutate_kwargs: dict[str, Any]) -> 'PartialChannelEdge':
+        """Any other choice: its candidates rebuilt at ``C/K`` channels where they keep the channel count
+        (:func:`~.nni_spaces.partial_candidates`); otherwise mixed over all channels, listed in the one warning."""
+        candidates = dict(zip(map(str, module.names), module.candidates.values()))
+        partial = partial_candidates(candidates, k) if k > 1 else None
+        if partial is None:
+            if k > 1:
+                note_fallback(mutate_kwargs, 'PC-DARTS: candidates that change the channel count or cannot be '
+                              f'rebuilt at C/{k} channels (mixed over all channels)', module.label)
+            return cls(module.candidates, alpha, module.label)
+        slim, stride = partial
+        edge = cls(slim, alpha, module.label, partial_channels_k=k, stride=stride)
+        if stride == 2:
+            edge.bypass = nn.MaxPool2d(2, 2, ceil_mode=True)  # as the candidates' padded stride-2 convs on odd sizes
+        return edge
 
 
 class EdgeNormalizedNode(MixedNode):
@@ -126,13 +145,11 @@ class PCDartsLightning(VariantLightningModule):
 
     def edge_weights(self, cell: DartsCell) -> dict[tuple[int, int], dict[str, float]]:
         weights = super().edge_weights(cell)
-        for node in cell.node_indices:
-            beta = cell.inputs[str(node)].input_weights()
-            if beta is None:
-                continue
-            beta = beta.detach().cpu().tolist()
-            for j in range(node):
-                weights[(node, j)] = {op: w * beta[j] for op, w in weights[(node, j)].items()}
+        betas = {int(node): choice.input_weights() for node, choice in cell.inputs.items()}
+        betas = {node: beta.detach().cpu().tolist() for node, beta in betas.items() if beta is not None}
+        for node, j, _ in cell.iter_edges():
+            if node in betas:
+                weights[(node, j)] = {op: w * betas[node][j] for op, w in weights[(node, j)].items()}
         return weights
 
 
@@ -169,10 +186,9 @@ class PCDarts(DartsVariant):
         1e-3; weight gradients clipped at 5).
     """
 
-    name = 'pcdarts'
-    description = 'PC-DARTS (Xu et al. 2020): partial channel connections (1/K) and edge normalization'
     edge_class = PartialChannelEdge
     node_class = EdgeNormalizedNode
+    darts_fallback_for = ('value choice',)
     module_class = PCDartsLightning
 
     def __init__(self, *, partial_channels_k: int = 4, edge_normalization: bool = True,
@@ -189,8 +205,12 @@ class PCDarts(DartsVariant):
         return cls(**{**IMAGENET_PRESET, **overrides})
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search: no warm-up, so that alphas and betas move."""
+        return {'warmup_epochs': 0}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
         return {'warmup_epochs': 0}
 
     def mutate_kwargs(self) -> dict[str, Any]:

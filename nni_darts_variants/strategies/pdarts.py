@@ -1,7 +1,6 @@
 """P-DARTS (Chen, Xie, Wu, Tian, ICCV 2019): progressive depth, operation pruning, skip-connect regularization."""
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from typing import Any, Iterator, Sequence
@@ -11,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..genotype import EdgeWeights, darts_rule
-from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule
+from search_spaces.cell import DartsCell
+from ..registry import init_signature, register_strategy
+from .base import DartsVariant, MixedEdge, VariantLightningModule, first_per_label
 
 __all__ = ['PDarts', 'PDartsEdge', 'PDartsLightning', 'drop_operations', 'skip_dropout_rate',
            'limit_skip_connections', 'SKIP']
@@ -97,12 +97,12 @@ class PDartsEdge(MixedEdge):
 
 def space_blueprint(space: nn.Module) -> tuple[type, dict[str, Any]]:
     """The class of a model space and its constructor arguments (NNI records them), checked for P-DARTS' needs."""
-    init = getattr(type(space), '_init_wrapped', type(space).__init__)
-    params = inspect.signature(init).parameters
+    signature = init_signature(type(space))
+    params = signature.parameters
     if not {'num_cells', 'operations'} <= set(params):
         raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
                         f'{type(space).__name__} takes no `num_cells` and `operations` arguments; use DartsSpace')
-    bound = inspect.signature(init).bind(space, *space.trace_args, **space.trace_kwargs)
+    bound = signature.bind(space, *space.trace_args, **space.trace_kwargs)
     bound.apply_defaults()
     return type(space), dict(list(bound.arguments.items())[1:])
 
@@ -123,12 +123,13 @@ class PDartsLightning(VariantLightningModule):
         self.stage = 0
         self.stage_operations: dict[str, list[str]] = {}
         self.blueprint: tuple[type, dict[str, Any]] | None = None
-        self._max_skip: int | None = None
 
     def setup(self, stage: str | None = None) -> Any:
         result = super().setup(stage)
         if stage in (None, 'fit'):
-            self.strategy.check_max_epochs(self.trainer.max_epochs)
+            s = self.strategy
+            s.check_trainer(self.trainer.max_epochs, stage_cells=s.stage_cells, num_to_keep=s.num_to_keep,
+                            skip_dropout=s.skip_dropout, epochs_per_stage=s.epochs_per_stage)
             self.blueprint = space_blueprint(self.model)
             self.stage, self.stage_operations = 0, self.edge_operations()
             if self.blueprint[1]['num_cells'] != self.strategy.stage_cells[0]:
@@ -137,21 +138,19 @@ class PDartsLightning(VariantLightningModule):
 
     def edge_operations(self) -> dict[str, list[str]]:
         """``{edge label: operation names}`` of the current network's cell edges."""
-        return {edge.label: list(edge.names) for edge in self.cell_edges()}
+        return {edge.label: list(edge.names) for edge in self.searched_edges()}
 
-    def cell_edges(self) -> Iterator[MixedEdge]:
-        cells = self.darts_cells()
-        if not cells:  # a space without DartsCell (NasBench201Space): every mixed edge, once per label
-            yield from {m.label: m for m in self.supernet_modules() if isinstance(m, MixedEdge)}.values()
-        for cell in cells.values():
-            for node in cell.node_indices:
-                for j in range(node):
-                    yield cell.edge(node, j)
+    def searched_edges(self) -> list[MixedEdge]:
+        """One mixed edge per label: the cell edges, or, in a space without ``DartsCell`` (NasBench201Space), every
+        mixed edge."""
+        if not self.darts_cells():
+            return list(first_per_label(self.supernet_modules(), MixedEdge).values())
+        return [edge for _, _, edge in self.cell_edges()]
 
     def pruned_operations(self, keep: int) -> dict[str, list[str]]:
         """Each edge's ``keep`` strongest operations under the current alphas."""
         return {edge.label: drop_operations(list(edge.names), edge.ranking_weights().tolist(), keep)
-                for edge in self.cell_edges()}
+                for edge in self.searched_edges()}
 
     def build_stage(self, stage: int, optimizers: bool = False) -> None:
         """Swap in the stage's network (fresh weights and alphas); then rebuild the optimizers if asked."""
@@ -163,6 +162,8 @@ class PDartsLightning(VariantLightningModule):
         self.set_model(network.to(reference.device))
         self.stage = stage
         if optimizers:
+            # No public Lightning API rebuilds the optimizers in the middle of a fit; Strategy.setup_optimizers (run
+            # by the trainer at fit start) does. Checked against Lightning 2.6.
             self.trainer.strategy.setup_optimizers(self.trainer)
         _logger.info('P-DARTS stage %d: %d cells, %d operations per edge', stage + 1,
                      self.strategy.stage_cells[stage], max(map(len, self.stage_operations.values())))
@@ -197,12 +198,10 @@ class PDartsLightning(VariantLightningModule):
             self.build_stage(state['stage'], optimizers=True)
         super().on_load_checkpoint(checkpoint)
 
-    def export_cell(self, cell: Any) -> dict[str, Any]:
-        self._max_skip = self.strategy.max_skip_connect if cell.label == 'normal' else None
-        return super().export_cell(cell)
-
-    def discretize(self, weights: EdgeWeights) -> dict[int, list[tuple[str, int]]]:
-        return limit_skip_connections(weights, self._max_skip)
+    def discretize(self, weights: EdgeWeights, cell: DartsCell | None = None) -> dict[int, list[tuple[str, int]]]:
+        """The DARTS rule; in the normal cell at most ``max_skip_connect`` skip-connects."""
+        normal = cell is not None and cell.label == 'normal'
+        return limit_skip_connections(weights, self.strategy.max_skip_connect if normal else None)
 
 
 @register_strategy
@@ -247,8 +246,6 @@ class PDarts(DartsVariant):
         ``stage_warmup_epochs``). Official weights: SGD lr 0.025 cosine to 0, momentum 0.9, wd 3e-4, batch 96.
     """
 
-    name = 'pdarts'
-    description = 'P-DARTS (Chen et al. 2019): progressive depth 5/11/17 cells, op pruning 8/5/3/1, skip limits'
     edge_class = PDartsEdge
     module_class = PDartsLightning
 
@@ -270,12 +267,17 @@ class PDarts(DartsVariant):
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
 
+    def mutate_model(self, model: Any) -> Any:
+        """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations."""
+        space_blueprint(model)
+        return super().mutate_model(model)
+
     def schedule_epochs(self, max_epochs: int) -> int:
         """Each stage restarts the weight schedule (fresh optimizers), over one stage's epochs, as the official code."""
         return self.epochs_per_stage
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """One stage of one epoch on the 3-cell test space, alphas trained from the first batch."""
         return {'stage_cells': (3,), 'num_to_keep': (1,), 'epochs_per_stage': 1, 'stage_warmup_epochs': 0,
                 'skip_dropout': (0.1,)}
@@ -284,10 +286,18 @@ class PDarts(DartsVariant):
     def total_epochs(self) -> int:
         return len(self.stage_cells) * self.epochs_per_stage
 
-    def check_max_epochs(self, max_epochs: int | None) -> None:
-        if max_epochs != self.total_epochs:
-            raise ValueError(f'P-DARTS runs {len(self.stage_cells)} stages of {self.epochs_per_stage} epochs: set the '
-                             f"trainer's max_epochs to {self.total_epochs} (got {max_epochs})")
+    def required_max_epochs(self) -> int:
+        return self.total_epochs
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        return {'stage_warmup_epochs': 0}
+
+    @classmethod
+    def trainer_max_epochs(cls, **strategy_args: Any) -> int:
+        """One fit runs every stage: ``len(stage_cells) * epochs_per_stage``."""
+        args = cls.resolved_arguments(**strategy_args)
+        return len(args['stage_cells']) * args['epochs_per_stage']
 
     def list_models(self, sort: bool = True, limit: int | None = 1) -> Iterator[Any]:
         """The searched architecture, from the last stage's network (NNI's version would re-export stage 1)."""

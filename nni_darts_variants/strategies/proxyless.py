@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, VariantLightningModule
+from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label
 
-__all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
+__all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessInput', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
            'GRAD_BINARY_MODES', 'ZERO_OPS']
 
 _logger = logging.getLogger(__name__)
@@ -131,13 +131,39 @@ class ProxylessEdge(MixedEdge):
                    grad_binary_mode=mutate_kwargs.get('grad_binary_mode', 'two'))
 
 
+class ProxylessInput(MixedInput):
+    """ProxylessNAS on a free ``InputChoice``: ``n_chosen`` inputs sampled from ``softmax(alpha)`` without replacement.
+
+    Weight phase: only the sampled inputs enter the output. Arch phase: every candidate input is already computed, so
+    the binary-gate gradient over all of them is exact and free: the output adds
+    ``sum_j (p_j - p_j.detach()) * x_j.detach()`` (zero in value), whose gradient is
+    ``dL/dalpha_i = sum_j <dL/dout, x_j> p_j (delta_ij - p_i)`` (no rescaling needed).
+    """
+
+    phase = 'weight'
+    chosen: list[int] | None = None
+
+    def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
+        if self.label in memo:
+            self.chosen = list(memo[self.label])
+            return {}
+        probs = F.softmax(self._arch_alpha.detach(), -1)
+        self.chosen = sorted(torch.multinomial(probs, self.n_chosen or 1, replacement=False).tolist())
+        return {self.label: list(self.chosen)}
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if self.chosen is None:
+            self.resample({})
+        out = sum(inputs[j] for j in self.chosen)
+        if self.phase == 'arch' and self._arch_alpha.requires_grad:
+            probs = F.softmax(self._arch_alpha, -1)
+            out = out + sum((p - p.detach()) * x.detach() for p, x in zip(probs, inputs))
+        return out / len(self.chosen) if self.reduction == 'mean' else out
+
+
 def unique_edges(modules: Iterable[nn.Module]) -> list[ProxylessEdge]:
     """One :class:`ProxylessEdge` per label (all modules of a label share alpha and sample)."""
-    edges: dict[str, ProxylessEdge] = {}
-    for module in modules:
-        if isinstance(module, ProxylessEdge):
-            edges.setdefault(module.label, module)
-    return list(edges.values())
+    return list(first_per_label(modules, ProxylessEdge).values())
 
 
 def prepare_arch_update(edges: Iterable[ProxylessEdge]) -> None:
@@ -162,14 +188,18 @@ def finish_arch_update(edges: Iterable[ProxylessEdge]) -> None:
 
 
 class ProxylessLightning(VariantLightningModule):
-    """ProxylessNAS loop: arch step every ``arch_update_every`` batches in the ``'arch'`` phase, then rescaling."""
+    """ProxylessNAS loop: the weight step, then (every ``arch_update_every`` batches) the arch step in the ``'arch'``
+    phase and the rescaling, as the official ``nas_manager.train``."""
+
+    #: The base's step order (read by its ``training_step`` once the base owns the step): weights first.
+    step_order: ClassVar[tuple[str, ...]] = ('weight', 'arch')
 
     def _edges(self) -> list[ProxylessEdge]:
         return unique_edges(self.supernet_modules())
 
     def _set_phase(self, phase: str) -> None:
         for module in self.supernet_modules():
-            if isinstance(module, ProxylessEdge):
+            if isinstance(module, (ProxylessEdge, ProxylessInput)):
                 module.phase = phase
 
     def arch_update_enabled(self, batch_idx: int) -> bool:
@@ -221,33 +251,42 @@ class ProxylessNAS(DartsVariant):
     ``current_prob_over_ops`` (two-path: the pair's softmax at its indices; ``full_v2``: ``softmax(alpha)``), as
     tensors, so the cost gradient adds to the gate gradient; an edge whose active path is zero drops both.
 
+    Loop as the official ``nas_manager.train``: each batch runs the weight step first, then (every
+    ``arch_update_every`` batches) the arch step; the weight gradient is not clipped (``gradient_clip_val=None``).
+    Remaining difference: the official arch step draws its own batch from the validation loader, here it is the
+    ``val`` half of NNI's paired batch.
+
     Parameters
     ----------
     grad_binary_mode
         ``'two'`` (default) or ``'full_v2'``.
     arch_update_every
-        One arch step every this many weight steps (official: 5); the arch step runs before the weight step of
-        batches ``every-1, 2*every-1, ...``.
+        One arch step every this many weight steps (official: 5); it runs after the weight step of batches
+        ``every-1, 2*every-1, ...``.
     arc_learning_rate, arc_betas, arc_weight_decay
         Adam for alpha; official: 1e-3, (0, 0.999), 0. ``beta1 = 0`` keeps unsampled alphas still.
+    gradient_clip_val
+        Weight gradient norm clip (official: none).
     **kwargs
         See :class:`~nni_darts_variants.strategies.base.DartsVariant`. ``warmup_epochs`` stays 0 by default (the
         official ImageNet schedule warms up 40 of 160 epochs, which does not transfer to the 50-epoch DARTS search).
     """
 
-    name = 'proxyless'
-    description = 'ProxylessNAS (Cai et al. 2019): binarized paths, one path per weight step, two per arch step'
     edge_class: ClassVar[type[MixedEdge]] = ProxylessEdge
+    input_class = ProxylessInput
+    mixed_op_policy = None
+    darts_fallback_for = ('repeat depth',)
     module_class = ProxylessLightning
 
     def __init__(self, *, grad_binary_mode: str = 'two', arch_update_every: int = 5, arc_learning_rate: float = 1e-3,
-                 arc_betas: Sequence[float] = (0.0, 0.999), arc_weight_decay: float = 0.0, **kwargs: Any):
+                 arc_betas: Sequence[float] = (0.0, 0.999), arc_weight_decay: float = 0.0,
+                 gradient_clip_val: float | None = None, **kwargs: Any):
         if grad_binary_mode not in GRAD_BINARY_MODES:
             raise ValueError(f'grad_binary_mode must be one of {GRAD_BINARY_MODES}, got {grad_binary_mode!r}')
         if not isinstance(arch_update_every, int) or arch_update_every < 1:
             raise ValueError(f'arch_update_every must be a positive integer, got {arch_update_every!r}')
         super().__init__(arc_learning_rate=arc_learning_rate, arc_betas=arc_betas, arc_weight_decay=arc_weight_decay,
-                         **kwargs)
+                         gradient_clip_val=gradient_clip_val, **kwargs)
         self.grad_binary_mode = grad_binary_mode
         self.arch_update_every = arch_update_every
         if grad_binary_mode == 'two' and (self.arc_betas[0] != 0 or arc_weight_decay != 0):
@@ -256,9 +295,13 @@ class ProxylessNAS(DartsVariant):
                             arc_weight_decay)
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
+    def smoke_kwargs(cls) -> dict[str, Any]:
         """A one-epoch smoke search where alphas move: an arch step every batch, no warm-up."""
         return {'warmup_epochs': 0, 'arch_update_every': 1}
+
+    @classmethod
+    def full_step_kwargs(cls) -> dict[str, Any]:
+        return {'arch_update_every': 1}
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'grad_binary_mode': self.grad_binary_mode}
