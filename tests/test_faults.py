@@ -454,7 +454,7 @@ def test_nnictl_stop_leaves_a_resumable_folder(tmp_path):
     config['trialCommand'] += ' --set train.max_epochs=200'
     config['trialCodeDirectory'] = str(REPO)
     (tmp_path / 'long.yml').write_text(yaml.safe_dump(config))
-    (tmp_path / 'home').mkdir()
+    (tmp_path / 'home').mkdir(exist_ok=True)
     port, env = _free_port(), _env(tmp_path)
     created = subprocess.run([str(NNICTL), 'create', '--config', str(tmp_path / 'long.yml'), '--port', str(port)],
                              env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)

@@ -692,14 +692,6 @@ class DartsVariant(DARTS):
             self.penalty = hardware_cost
         self._cost_space: nn.Module | None = None
 
-    def mutate_model(self, model: Any) -> Any:
-        """NNI's mutation; with a hardware cost, a copy of the unmutated space is kept first for its cost table
-        (and a table built on an earlier space is dropped: P-DARTS mutates a new space per stage)."""
-        if isinstance(self.penalty, HardwareCost):
-            self._cost_space = copy.deepcopy(model)
-            self.penalty.forget_table()
-        return super().mutate_model(model)
-
     def cost_space(self) -> nn.Module:
         """The unmutated copy of the model space the hardware cost's table is built from."""
         if self._cost_space is None:
@@ -790,12 +782,18 @@ class DartsVariant(DARTS):
                             'those values, or search this space with darts, pcdarts, gdas, mergenas or dropnas')
 
     def mutate_model(self, model: Any) -> Any:
-        """NNI's mutation, then one warning per construct listing the labels searched by plain DARTS."""
+        """NNI's mutation, then one warning per construct listing the labels searched by plain DARTS.
+
+        With a hardware cost, a copy of the unmutated space is kept first for its cost table (and a table built on
+        an earlier space is dropped: P-DARTS mutates a new space per stage)."""
         for label, mutable in model.simplify().items():
             if not isinstance(mutable, (Categorical, CategoricalMultiple)):
                 raise TypeError(f'{type(model).__name__}: {label} is a {type(mutable).__name__}, not a categorical '
                                 'choice; one-shot strategies (ours and NNI\'s DARTS) cannot relax it. Search this space '
                                 'with a multi-trial strategy such as nni.nas.strategy.RegularizedEvolution')
+        if isinstance(self.penalty, HardwareCost):
+            self._cost_space = copy.deepcopy(model)
+            self.penalty.forget_table()
         self._fallbacks: dict[str, list[str]] = {}
         model = super().mutate_model(model)
         for reason, labels in self._fallbacks.items():
