@@ -32,7 +32,7 @@ from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_
                          suppress_supernet_modules)
 
 __all__ = ['MixedEdge', 'MixedNode', 'MixedInput', 'VariantLightningModule', 'DartsVariant', 'loss_of',
-           'first_per_label']
+           'first_per_label', 'keep_zero_gradients', 'check_weight_grad_reset', 'WEIGHT_GRAD_RESETS']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +50,36 @@ def first_per_label(modules: Iterable[nn.Module], kind: type | tuple[type, ...])
         if isinstance(module, kind):
             result.setdefault(module.label, module)
     return result
+
+
+#: How the weight gradients are reset between steps: ``'zeros'`` as ``zero_grad()`` of PyTorch 1.x (the official
+#: code of the sampling variants), ``'none'`` as PyTorch 2 and Lightning.
+WEIGHT_GRAD_RESETS = ('zeros', 'none')
+
+
+def check_weight_grad_reset(value: str) -> str:
+    if value not in WEIGHT_GRAD_RESETS:
+        raise ValueError(f'weight_grad_reset must be one of {WEIGHT_GRAD_RESETS}, got {value!r}')
+    return value
+
+
+def keep_zero_gradients(optimizer: torch.optim.Optimizer, parameters: Sequence[nn.Parameter]) -> Any:
+    """Make ``optimizer`` see PyTorch 1.x's ``zero_grad()``: a parameter that once had a gradient has a zero one,
+    not ``None``, at every later step, so momentum and weight decay keep acting on it when it is not used.
+
+    Installed as a step pre-hook (Lightning's ``zero_grad`` sets ``None``); returns the hook handle.
+    """
+    seen: set[int] = set()
+    parameters = list(parameters)
+
+    def fill_zeros(opt: Any, args: Any, kwargs: Any) -> None:
+        for p in parameters:
+            if p.grad is not None:
+                seen.add(id(p))
+            elif id(p) in seen:
+                p.grad = torch.zeros_like(p)
+
+    return optimizer.register_step_pre_hook(fill_zeros)
 
 
 def example_input(batch: Any) -> torch.Tensor:

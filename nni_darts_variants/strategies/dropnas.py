@@ -11,7 +11,8 @@ from nni.nas.nn.pytorch import LayerChoice
 
 from search_spaces.ops import PRIMITIVES
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label, loss_of
+from .base import (DartsVariant, MixedEdge, MixedInput, VariantLightningModule, check_weight_grad_reset,
+                   first_per_label, keep_zero_gradients, loss_of)
 from .nni_spaces import note_fallback
 
 __all__ = ['DropNAS', 'DropEdge', 'DropNASLightning', 'PARAMETRIC_OPS', 'operation_groups', 'sample_group_mask',
@@ -236,6 +237,8 @@ class DropNASLightning(VariantLightningModule):
                                 'optimizer also has weight_decay=%s: set it to 0 in the evaluator to avoid decaying '
                                 'twice.', self.strategy.weight_decay, group['weight_decay'])
                 break
+        if self.strategy.weight_grad_reset == 'zeros':  # dropped ops keep momentum (official PyTorch 1.x)
+            keep_zero_gradients(self.weight_optimizer(), self.weight_parameters())
         return super().on_train_start()
 
 
@@ -270,6 +273,9 @@ class DropNAS(DartsVariant):
         Adam for the alphas (3e-4, (0.5, 0.999)); its weight decay must stay 0 (``arc_weight_decay``).
     gradient_clip_val
         Weight gradient norm clip (3).
+    weight_grad_reset
+        ``'zeros'`` (default, the official code's PyTorch 1.x ``zero_grad``): the weights of dropped operations get a
+        zero gradient, so SGD's momentum still moves them; ``'none'`` (PyTorch 2, Lightning): they stay untouched.
     **kwargs
         See :class:`~nni_darts_variants.strategies.base.DartsVariant`. During ``warmup_epochs`` nothing is dropped and
         alphas are frozen.
@@ -281,7 +287,8 @@ class DropNAS(DartsVariant):
     module_class = DropNASLightning
 
     def __init__(self, *, drop_rate: float = 3e-5, weight_decay: float = 3e-4, alpha_decay: float = 1e-3,
-                 arc_weight_decay: float = 0.0, gradient_clip_val: float | None = 3.0, **kwargs: Any):
+                 arc_weight_decay: float = 0.0, gradient_clip_val: float | None = 3.0, weight_grad_reset: str = 'zeros',
+                 **kwargs: Any):
         if not 0 <= drop_rate < 1:
             raise ValueError(f'drop_rate must be in [0, 1), got {drop_rate}')
         if weight_decay < 0 or alpha_decay < 0:
@@ -293,6 +300,7 @@ class DropNAS(DartsVariant):
         self.drop_rate = drop_rate
         self.weight_decay = weight_decay
         self.alpha_decay = alpha_decay
+        self.weight_grad_reset = check_weight_grad_reset(weight_grad_reset)
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'drop_rate': self.drop_rate}

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from nni.nas.nn.pytorch import LayerChoice
 
 from ..registry import register_strategy
-from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule
+from .base import (DartsVariant, MixedEdge, MixedInput, VariantLightningModule, check_weight_grad_reset,
+                   keep_zero_gradients)
 
 __all__ = ['Gdas', 'GumbelMaxEdge', 'GumbelMaxInput', 'GdasLightning', 'gumbel_noise', 'linear_temperature']
 
@@ -160,6 +161,11 @@ class GdasLightning(VariantLightningModule):
         _logger.debug('epoch %d: Gumbel temperature %.4f', epoch, tau)
         self.log('gumbel_temperature', tau)
 
+    def on_train_start(self) -> None:
+        if self.strategy.weight_grad_reset == 'zeros':  # unsampled ops keep momentum and decay (official PyTorch 1.x)
+            keep_zero_gradients(self.weight_optimizer(), self.weight_parameters())
+        return super().on_train_start()
+
 
 @register_strategy
 class Gdas(DartsVariant):
@@ -183,6 +189,10 @@ class Gdas(DartsVariant):
     ----------
     tau_max, tau_min
         Gumbel temperature at the first and at the last epoch (10 and 0.1).
+    weight_grad_reset
+        ``'zeros'`` (default, the official code's PyTorch 1.x ``zero_grad``): the weights of unsampled operations get
+        a zero gradient, so SGD's momentum and weight decay still move them; ``'none'`` (PyTorch 2, Lightning):
+        they stay untouched.
     arc_learning_rate
         Adam learning rate of the alphas (3e-4; betas (0.5, 0.999), weight decay 1e-3).
     **kwargs
@@ -197,12 +207,13 @@ class Gdas(DartsVariant):
     module_class = GdasLightning
 
     def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, arc_learning_rate: float = 3e-4,
-                 **kwargs: Any):
+                 weight_grad_reset: str = 'zeros', **kwargs: Any):
         if not 0 < tau_min <= tau_max:
             raise ValueError(f'need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}')
         super().__init__(arc_learning_rate=arc_learning_rate, **kwargs)
         self.tau_max = float(tau_max)
         self.tau_min = float(tau_min)
+        self.weight_grad_reset = check_weight_grad_reset(weight_grad_reset)
 
     def mutate_kwargs(self) -> dict[str, Any]:
         return {'temperature': self.tau_max}

@@ -296,12 +296,6 @@ class MixedCell(BaseSuperNetModule):
             for j in range(node):
                 yield node, j, self.edge(node, j)
 
-    def iter_edges(self) -> Iterator[tuple[int, int, nn.Module]]:
-        """``(node, j, module)`` of every edge, node by node and input by input (as ``DartsCell.iter_edges``)."""
-        for node in self.node_indices:
-            for j in range(node):
-                yield node, j, self.edge(node, j)
-
     def forward(self, *inputs: Any) -> Any:
         processed = preprocess_cell_inputs(self.num_predecessors, *inputs)
         states = list(self.preprocessor(processed))

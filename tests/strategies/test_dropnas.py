@@ -254,3 +254,9 @@ def test_two_weight_steps_per_batch_the_second_is_the_partial_decay(search_with)
         for i, g in enumerate(loss_grads):
             if i not in used:
                 assert decay_grads[i] is None or not bool(decay_grads[i].ne(0).any()), 'an unused weight was decayed'
+
+
+def test_weight_grad_reset_defaults_to_the_official_zeros():
+    assert DropNAS().weight_grad_reset == 'zeros' and DropNAS(weight_grad_reset='none').weight_grad_reset == 'none'
+    with pytest.raises(ValueError, match="weight_grad_reset must be one of"):
+        DropNAS(weight_grad_reset='zero')

@@ -216,3 +216,39 @@ def test_final_bn_relu_option_of_the_space(supernet):
         torch.testing.assert_close(seen['pooled'], cell.mean((2, 3)), rtol=1e-4, atol=1e-5)
     assert DartsSpace(width=8, num_cells=3, dataset='digits').state_dict().keys() == \
         DartsSpace(width=8, num_cells=3, dataset='digits', final_bn_relu=False).state_dict().keys()
+
+
+@pytest.mark.parametrize('reset', ['zeros', 'none'])
+def test_unsampled_weights_keep_momentum_only_with_zero_gradients(reset, search_with):
+    """Official GDAS ran on PyTorch 1.x, whose ``zero_grad`` filled zeros: the weights of an op used in an earlier
+    weight step keep moving by momentum in a step where it is not sampled. ``weight_grad_reset='none'``: they stay."""
+    import pytorch_lightning as pl
+    steps = []  # per weight step: (ids of params without gradient, ids of params that moved)
+    all_ids: list[int] = []
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, module):
+            params = [p for e in edges(module.training_module) for op in CONV_OPS for p in e[op].parameters()]
+            all_ids.extend(id(p) for p in params)
+            opt = next(o for o in trainer.optimizers if not getattr(o, 'is_arch_optimizer', False))
+            for group in opt.param_groups:  # the official weight optimizer: SGD with momentum and decay
+                group.update(momentum=0.9, weight_decay=5e-4)
+
+            def step(*args, _step=opt.step, **kwargs):
+                unused = {id(p) for p in params if p.grad is None or not bool(p.grad.ne(0).any())}
+                before = [p.detach().clone() for p in params]
+                out = _step(*args, **kwargs)
+                steps.append((unused, {id(p) for p, b in zip(params, before) if not torch.equal(p, b)}))
+                return out
+            opt.step = step
+
+    search_with(Gdas(weight_grad_reset=reset), [Watch()], loaders=tiny_loaders(n=16, batch_size=8))
+    used_before: set[int] = set()
+    stale = stale_moved = 0
+    for unused, moved in steps:
+        for i in unused & used_before:
+            stale += 1
+            stale_moved += i in moved
+        used_before |= set(all_ids) - unused
+    assert stale > 0, 'no op used in an earlier step was unsampled later'
+    assert stale_moved == (stale if reset == 'zeros' else 0)
