@@ -79,8 +79,7 @@ def build_search(cfg: dict, run_dir: Path):
     d = cfg['data']
     assert d['name'] in DATASETS, f'unknown dataset {d["name"]}'
     split_indices(1000, d['train_portion'], 0)
-    if cfg['space']['name'] not in list_spaces():
-        pytest.skip(f'search space {cfg["space"]["name"]!r} is not installed yet')
+    assert cfg['space']['name'] in list_spaces(), f'unknown search space {cfg["space"]["name"]!r}'
     channels, classes = DATA_SHAPES[d['name']]
     space = build_space(cfg['space']['name'], in_channels=channels, num_classes=classes, dataset_hint=d['name'],
                         **cfg['space']['args'])

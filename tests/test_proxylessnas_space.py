@@ -1,7 +1,6 @@
 """The ProxylessNAS MobileNetV2-style space: layout (algorithms.md §3), zero option, freeze, one search step."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -147,8 +146,6 @@ def tiny_search(tmp_path, strategy):
     return result
 
 
-@pytest.mark.skipif(importlib.util.find_spec('nni_darts_variants.strategies.proxyless') is None,
-                    reason="this package's proxyless strategy is not written yet")
 def test_one_step_with_our_proxyless(tmp_path):
     from nni_darts_variants.registry import create_strategy, get_strategy
     from nni_darts_variants.testing import quick_kwargs
