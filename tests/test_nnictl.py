@@ -119,7 +119,8 @@ def test_interrupted_trial_resumes_where_it_stopped(channel, tmp_path):
                 raise KeyboardInterrupt
 
     run_dir = tmp_path / 'nni-output' / 'search'
-    cfg = yaml.safe_load((SMOKE / 'search' / 'darts-1st.yml').read_text())
+    from nni_darts_variants.config import load_yaml
+    cfg = load_yaml(SMOKE / 'search' / 'darts-1st.yml')  # a delta: its base: resolved
     cfg['data']['limit'] = 64
     cfg['train']['max_epochs'] = 2
     with pytest.raises(BaseException):

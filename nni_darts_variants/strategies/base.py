@@ -67,7 +67,9 @@ def keep_zero_gradients(optimizer: torch.optim.Optimizer, parameters: Sequence[n
     """Make ``optimizer`` see PyTorch 1.x's ``zero_grad()``: a parameter that once had a gradient has a zero one,
     not ``None``, at every later step, so momentum and weight decay keep acting on it when it is not used.
 
-    Installed as a step pre-hook (Lightning's ``zero_grad`` sets ``None``); returns the hook handle.
+    Installed as a step pre-hook (Lightning's ``zero_grad`` sets ``None``); returns the hook handle. A parameter
+    with optimizer state (a momentum buffer) counts as having had a gradient, so a resumed search goes on as the
+    uninterrupted one.
     """
     seen: set[int] = set()
     parameters = list(parameters)
@@ -76,7 +78,8 @@ def keep_zero_gradients(optimizer: torch.optim.Optimizer, parameters: Sequence[n
         for p in parameters:
             if p.grad is not None:
                 seen.add(id(p))
-            elif id(p) in seen:
+            elif id(p) in seen or opt.state.get(p):  # optimizer state: it had a gradient before a resume
+                seen.add(id(p))
                 p.grad = torch.zeros_like(p)
 
     return optimizer.register_step_pre_hook(fill_zeros)
