@@ -40,8 +40,8 @@ SPACES = {
 
 #: (strategy or '*', space or '*') -> the start of the refusal message at mutation.
 REFUSALS = {
+    ('pdarts', '*'): 'P-DARTS rebuilds the model space',  # first: P-DARTS refuses before any space check
     ('*', 'NasBench101'): 'NasBench101: cell/final is a NasBench101CellConstraint',
-    ('pdarts', '*'): 'P-DARTS rebuilds the model space',
     ('proxyless', 'MobileNetV3Space'): 'proxyless cannot search',
     ('parsec', 'MobileNetV3Space'): 'parsec cannot search',
 }

@@ -171,6 +171,8 @@ def partial_candidates(candidates: dict[str, nn.Module], k: int) -> tuple[dict[s
     The candidates must keep the channel count (:func:`probe_edge`) and be rebuildable at ``C / k``
     (:func:`slim_module`); a probe then checks that the rebuilt candidates map ``C / k`` to ``C / k`` channels.
     """
+    if any(isinstance(m, MutableModule) and m.simplify() for c in candidates.values() for m in c.modules()):
+        return None  # candidates with value choices inside (e.g. searched SE widths) cannot be slimmed as a whole
     probed = probe_edge(candidates)
     if probed is None or probed[0] % k:
         return None
