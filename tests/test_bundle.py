@@ -183,3 +183,21 @@ def test_a_broken_bundle_only_warns(tmp_path, monkeypatch, caplog):
         search._write_result_bundle(tmp_path, search.resolve_config({}), GENOTYPE, {}, [], {}, tiny_space,
                                     SimpleNamespace(**DATA_INFO))
     assert 'disk full' in caplog.text
+
+
+def test_retrain_recipe_list_matches_the_repository():
+    """The bundle names retrain recipes from a list (no path into the repository): it must equal the folder."""
+    from pathlib import Path
+
+    from nni_darts_variants.bundle import RETRAIN_RECIPES
+    folder = Path(__file__).resolve().parents[1] / 'experiments' / 'retrain'
+    assert RETRAIN_RECIPES == {p.stem for p in folder.glob('*.yml')}
+
+
+def test_library_code_points_nowhere_into_the_repository():
+    """No module of the package builds a path to the repository's own folders (it may be installed from a wheel)."""
+    from pathlib import Path
+    package = Path(__file__).resolve().parents[1] / 'nni_darts_variants'
+    offenders = [str(p.relative_to(package)) for p in package.rglob('*.py')
+                 if 'parents[1]' in p.read_text() or "'experiments'" in p.read_text()]
+    assert not offenders, f'paths into the repository in {offenders}'
