@@ -235,7 +235,8 @@ def _search(cfg: dict[str, Any], run_dir: Path, data: SearchData, space_factory:
         raise SearchInterrupted(signal.SIGTERM, run_dir, last if last.exists() else None) from None
     finally:
         stop.restore()
-    genotype = strategy.export_genotype() if hasattr(strategy, 'export_genotype') else None
+    from ..strategies.base import DartsVariant  # a strategy registered from outside may be a plain NNI one
+    genotype = strategy.export_genotype() if isinstance(strategy, DartsVariant) else None
     if not is_global_zero():  # another DDP rank: the same architecture (checked each epoch); rank 0 writes files
         return SearchResult(run_dir, genotype, sample, {'search_seconds': round(search_seconds, 2)})
     metrics = _write_results(cfg, run_dir, strategy, genotype, sample, monitor, space_factory, data, search_seconds)
