@@ -86,6 +86,7 @@ QUALITY_ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     'pdarts': ('ours', 'pdarts', {}),
     'mergenas': ('ours', 'mergenas', {}),
     'dropnas': ('ours', 'dropnas', {}),
+    'snas': ('ours', 'snas', {}),
     'nni-DARTS': ('nni', 'DARTS', {}),
     'nni-GumbelDARTS': ('nni', 'GumbelDARTS', {}),
     'nni-RandomOneShot': ('nni', 'RandomOneShot', {}),
