@@ -4,10 +4,19 @@ from __future__ import annotations
 import logging
 
 logging.raiseExceptions = False  # NNI logs at exit to streams pytest has already closed
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# HOME for the whole session (each test sets its own on top): what runs after the tests, such as NNI's exit hooks,
+# writes here too, never into the real ~/nni-experiments. Removed at exit, after NNI's hooks (atexit runs LIFO).
+_SESSION_HOME = tempfile.mkdtemp(prefix='nni-darts-tests-home-')
+os.environ['HOME'] = _SESSION_HOME
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
 CIFAR_SLICE = SHARED / 'data' / 'cifar10-slice'
@@ -22,6 +31,16 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv('NNI_OUTPUT_DIR', str(tmp_path / 'nni-output'))
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _no_manifest_rewrites_at_exit():
+    """NNI stops every ``NasExperiment`` at exit, and each stop rewrites ``~/nni-experiments/.experiment`` twice: with
+    hundreds of test experiments that is quadratic work after the last test. Their manifests lived in the tests'
+    temporary HOMEs, so after the session the stop skips that update (NNI 3.0's ``_stop_without_nni_manager``)."""
+    yield
+    from nni.nas.experiment.experiment import NasExperiment
+    NasExperiment._stop_without_nni_manager = lambda self: None
 
 
 @pytest.fixture(scope='session', autouse=True)
