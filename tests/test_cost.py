@@ -90,6 +90,20 @@ def test_nni_profilers_build_on_hub_nasbench201():
     assert set(expression.simplify()) == set(space.simplify())
 
 
+def test_nni_profilers_build_on_hub_darts():
+    """NNI's hub DARTS failed on its CellPostprocessor ("no shape inference formula")."""
+    from nni.nas.hub.pytorch import DARTS as DartsHub
+    space = DartsHub(width=8, num_cells=3)
+    x = torch.randn(2, 3, 32, 32)
+    flops = FlopsProfiler(space, x, count_normalization=False, count_activation=False, count_bias=False)
+    params = NumParamsProfiler(space, x)
+    sample = sample_of(space, 0)
+    frozen = DartsHub(width=8, num_cells=3).freeze(sample)
+    # NNI's expression counts every candidate edge of a cell, chosen or not: at least what the frozen network runs
+    assert flops.profile(sample) >= conv_linear_macs(frozen, x[:1]) > 0
+    assert params.profile(sample) >= sum(p.numel() for p in frozen.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Cost tables
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,6 +144,57 @@ def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch):
     build_cost_table(proxyless_space(), torch.randn(2, 1, 8, 8), 'latency', **options)  # another input: new key
     assert len(calls) > measured and len(list(tmp_path.glob('latency-*.json'))) == 2
     assert all(v > 0 for costs in first.costs.values() for k, v in costs.items() if k != 'zero')
+
+
+def thread_ms(module: nn.Module, x: torch.Tensor, warmup: int = 5, repeats: int = 15) -> float:
+    """Median thread CPU time in ms of ``module(x)`` at one thread: timed here, not by the code under test."""
+    import statistics
+    import time
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    module.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                start = time.thread_time()
+                module(x)
+                if i >= warmup:
+                    times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 1e3 * statistics.median(times)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho: scipy's when installed, else Pearson's r of the ranks (no ties among measured times)."""
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        ranks = [torch.tensor(v).argsort().argsort().double() for v in (a, b)]
+        return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+    return float(spearmanr(a, b).statistic)
+
+
+@pytest.mark.slow
+def test_expected_latency_ranks_whole_sampled_networks(tmp_path):
+    """The table's sum (expected latency of a one-hot architecture) against whole networks timed alone, 20 random
+    samples of the ProxylessNAS space at 1x3x32x32, width 0.35, CPU thread time at one thread (a shared machine).
+
+    Threshold 0.7: for n = 20 independent rankings, rho >= 0.7 has a probability of 0.0004 (200,000 random
+    permutations; the one-sided 0.001 critical value is 0.659), and 0.7 is the usual bar for a strong rank agreement. Ranks ignore the
+    table's calibration (a positive affine map), so the table is built without it."""
+    space = ProxylessSpace(dataset='cifar10', width_multiplier=0.35)
+    x = torch.randn(1, 3, 32, 32)
+    table = build_cost_table(space, x, 'latency', warmup=5, repeats=15, clock='cpu', cache_dir=tmp_path)
+    samples = [sample_of(space, seed) for seed in range(20)]
+    expected = [table.of_sample(sample) for sample in samples]
+    measured = [thread_ms(ProxylessSpace(dataset='cifar10', width_multiplier=0.35).freeze(sample), x)
+                for sample in samples]
+    rho = spearman(expected, measured)
+    print(f'spearman rho {rho:.3f}; expected ms {[round(v, 3) for v in expected]}; '
+          f'measured ms {[round(v, 3) for v in measured]}')
+    assert rho >= 0.7
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ and NNI's hub ``NasBench201``. Without them NNI stops with "no shape inference f
   its ReLU, two 1x1 stride-2 convolutions and batch norm, each counted by NNI's own formula.
 * ``aten.add.Tensor`` with a Python number (a frozen DARTS node sums its inputs with ``sum()``);
 * ``aten.stack`` and ``aten.sum.dim_IntList`` (the hub NAS-Bench-201 cell sums its edges with them).
+* ``nn.ConstantPad2d`` / ``nn.ZeroPad2d`` (NNI's hub DARTS ``FactorizedReduce`` pads): the padded shape, no FLOPs.
+* NNI's hub DARTS ``CellPostprocessor`` (it hands ``[previous cell, this cell]`` to the next cell): the shapes of
+  those two tensors; no FLOPs, no parameters.
 * ``InputChoice`` with ``n_chosen > 1`` and ``reduction='sum'`` (a DARTS node): the shape of its inputs. NNI's
   formula handles ``n_chosen == 1`` only and still does. The inputs do not enter NNI's FLOPs expression: it counts
   every candidate edge of a cell (see :mod:`nni_darts_variants.cost.tables` for the per-edge share).
@@ -24,6 +27,7 @@ from nni.nas.profiler.pytorch.flops import FlopsResult, count_flops_params, regi
 from nni.nas.profiler.pytorch.utils import profiler_leaf_module
 from nni.nas.profiler.pytorch.utils.shape import MutableShape, extract_shape_info
 import torch
+import torch.nn as nn
 from nni.nas.profiler.pytorch.utils.shape import ShapeTensor
 from nni.nas.profiler.pytorch.utils.shape_formula import (aten_mean_dim, aten_shape_broadcast, input_choice_formula,
                                                           register_shape_inference_formula)
@@ -62,6 +66,16 @@ def _factorized_reduce_flops(module: FactorizedReduce, input: tuple, output: Mut
               'bn': ((output,), output)}
     return sum((count_flops_params(name, getattr(module, name), shapes, config) for name in shapes),
                FlopsResult(0., 0.))
+
+
+def _pad2d_shape(module: nn.ConstantPad2d, x: Any) -> MutableShape:
+    left, right, top, bottom = module.padding
+    *rest, height, width = tuple(x.real_shape)
+    return MutableShape(*rest, height + top + bottom, width + left + right)
+
+
+def _cell_postprocessor_shape(module: Any, this_cell: Any, previous_cells: list) -> list[MutableShape]:
+    return [extract_shape_info(previous_cells[-1]), extract_shape_info(this_cell)]
 
 
 def _input_choice_shape(module: nas_nn.InputChoice, inputs: list) -> MutableShape:
@@ -109,6 +123,12 @@ def register_formulas() -> None:
     for cls in _zero_classes():
         register_shape_inference_formula(cls, _zero_shape)
         register_flops_formula(cls, _no_cost)
+    from nni.nas.hub.pytorch.nasnet import CellPostprocessor
+    register_shape_inference_formula(CellPostprocessor, _cell_postprocessor_shape)
+    register_flops_formula(CellPostprocessor, _no_cost)
+    for pad in (nn.ConstantPad2d, nn.ZeroPad2d):
+        register_shape_inference_formula(pad, _pad2d_shape)
+        register_flops_formula(pad, _no_cost)
     profiler_leaf_module(FactorizedReduce)
     register_shape_inference_formula(FactorizedReduce, _factorized_reduce_shape)
     register_flops_formula(FactorizedReduce, _factorized_reduce_flops)

@@ -229,7 +229,8 @@ def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str 
     device = torch.device(device)
     key = {**space_key(space), 'metric': metric, 'input': list(x.shape), 'dtype': str(x.dtype)}
     if metric == 'latency':
-        key.update(device=str(device), threads=threads, clock=clock, torch=torch.__version__)
+        key.update(device=str(device), threads=threads, clock=clock, calibration=calibration if calibration > 1 else 0,
+                   torch=torch.__version__)
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = cache / f'latency-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.json'
         if path.is_file():
@@ -253,7 +254,6 @@ def build_cost_table(space: nn.Module, example_input: torch.Tensor, metric: str 
     if metric == 'latency' and calibration > 1:
         _calibrate(table, space, x, calibration, reference, whole,
                    lambda net: _cost_of(net, x, metric, device, warmup, repeats, threads, clock))
-        key['calibration'] = calibration
     if metric == 'latency':
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table.to_dict(), indent=1))
