@@ -350,6 +350,15 @@ class VariantLightningModule(DartsLightningModule):
         self.log_dict({f'penalty/{k}': torch.as_tensor(v).detach().float() for k, v in details.items()})
         return loss
 
+    def one_level_loss(self, loss: torch.Tensor, batch: Any, arch: bool) -> torch.Tensor:
+        """The loss of a one-level step (one backward for weights and alphas): with a hardware cost or penalty and
+        ``arch``, ``loss + penalized(loss') - loss'`` where ``loss'`` is ``loss`` detached, so the cost reaches the
+        alphas and leaves the weight gradient as it is (``mul#log`` would otherwise rescale it)."""
+        if not arch or self.penalty is None:
+            return loss
+        constant = loss.detach()
+        return loss + self.penalized_loss(constant, batch) - constant
+
     def cost_probs(self) -> dict[str, dict[Any, torch.Tensor]]:
         """``{label: {candidate: probability}}`` with 0-d tensors carrying gradient: each mixed edge's
         :meth:`MixedEdge.cost_probs`, the softmax of NNI's mixed ``Repeat`` depths, and any supermodule's own

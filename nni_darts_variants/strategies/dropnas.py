@@ -188,14 +188,6 @@ class DropNASLightning(VariantLightningModule):
                 adjust_kept_alphas(self._step_edges[label].alpha, self._step_edges[label].kept, share)
         super().finish_step(batch_idx)
 
-    def one_level_loss(self, loss: torch.Tensor, batch: Any, arch: bool) -> torch.Tensor:
-        """The loss of both steps: with a hardware cost or penalty, ``loss + penalized(loss') - loss'`` where
-        ``loss'`` is ``loss`` detached, so the cost reaches the kept alphas and leaves the weight gradient as it is."""
-        if not arch or self.penalty is None:
-            return loss
-        constant = loss.detach()
-        return loss + self.penalized_loss(constant, batch) - constant
-
     def drop_edges(self) -> dict[str, DropEdge]:
         """One :class:`DropEdge` per label (edges of a label share alpha and mask)."""
         return first_per_label(self.supernet_modules(), DropEdge)

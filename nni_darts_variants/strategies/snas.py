@@ -56,6 +56,11 @@ class SnasEdge(MixedEdge):
             self.resample({})
         return F.softmax((F.log_softmax(self._arch_alpha, -1) + self._noise) / self.temperature, dim=-1)
 
+    def cost_probs(self) -> torch.Tensor:
+        """``softmax(alpha)``: the hardware cost is the expectation under the categorical ``Z`` samples, as the
+        resource term's count (not the noisy relaxed ``Z`` of this step)."""
+        return F.softmax(self._arch_alpha, -1)
+
     def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
         key = self.label + _NOISE_KEY
         self._noise = memo[key] if key in memo else gumbel_noise(self._arch_alpha.detach())
@@ -82,8 +87,8 @@ def expected_parametric_ops(edges: dict[str, SnasEdge]) -> torch.Tensor:
 class SnasLightning(VariantLightningModule):
     """SNAS loop, one level: one sample, one loss on the training batch, one backward for weights and alphas.
 
-    ``weight_backward`` adds the resource term ``resource_weight * log(E[#parametric ops])`` to the loss (alphas
-    only: it has no weight gradient); ``architecture_step`` then steps the alpha optimizer on the gradient already
+    ``weight_backward`` adds the resource term ``resource_weight * log(E[#parametric ops])`` and any hardware cost
+    (:meth:`one_level_loss`) to the loss (alphas only: they have no weight gradient); ``architecture_step`` then steps the alpha optimizer on the gradient already
     there. The ``val`` batch of NNI's DARTS loaders is not used.
     """
 
@@ -105,7 +110,7 @@ class SnasLightning(VariantLightningModule):
             resource = self.resource_loss()
             self.log('snas_resource', resource.detach())
             loss = loss + resource
-        self.manual_backward(loss)
+        self.manual_backward(self.one_level_loss(loss, trn_batch, self.arch_update_enabled(batch_idx)))
         return output
 
     def architecture_step(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> None:
@@ -138,6 +143,8 @@ class Snas(DartsVariant):
     package's choice). The resource constraint is ``resource_weight * log E[C]`` with ``E[C]`` the expected number
     of parametric operations (:func:`expected_parametric_ops`, the mean of the Poisson-binomial count) summed over
     the cell types; ``resource_weight=0`` switches it off. The export is the DARTS rule on ``softmax(alpha)``.
+    A hardware ``cost`` (or NNI ``penalty``) adds ``penalized(CE') - CE'`` to the same loss, ``CE'`` detached (so the
+    weight gradient is unchanged), on the expectation under ``softmax(alpha)`` (:meth:`SnasEdge.cost_probs`).
 
     Differences from NNI's ``GumbelDARTS``: that strategy keeps DARTS's bilevel loop (alphas on the validation
     half, a second forward), has no resource term, anneals linearly from 1.0 to 0.33, and samples a new ``g`` per
