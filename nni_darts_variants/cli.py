@@ -98,16 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_list() -> int:
     from .registry import BUILTIN_STRATEGIES, list_spaces, list_strategies
     from .show import dataset_descriptions, preset_names, strategy_arguments
-    print('datasets (data.name):')
+    print('datasets: (data.name)')
     for name, desc in dataset_descriptions().items():
         print(f'  {name:<12} {desc}')
-    print('search spaces (space.name):')
+    print('search spaces: (space.name)')
     for name, desc in list_spaces().items():
         print(f'  {name:<12} {desc}')
-    print('genotype presets (nni-darts retrain NAME):')
+    print('genotype presets: (nni-darts retrain NAME)')
     for name, aliases in preset_names().items():
         print(f'  {name:<15}' + (f' (also {", ".join(aliases)})' if aliases else ''))
-    print('strategies (strategy.name; strategy.args with their defaults):')
+    print('strategies: (strategy.name; strategy.args with their defaults)')
     for name, desc in list_strategies().items():
         print(f'  {name:<12} {desc}')
         if name in BUILTIN_STRATEGIES:
