@@ -259,3 +259,25 @@ def test_bundle_redraws_the_figures(search_run, tmp_path, capsys):
     assert code == 0 and sorted(p.name for p in (run / 'bundle').iterdir()) == drawn
     summary = json.loads((run / 'bundle' / 'summary.json').read_text())
     assert summary['errors'] == [] and summary['data']['in_channels'] == 1
+
+
+@pytest.mark.slow  # 22.70 s loaded: NNI's freeze of 21 LayerChoices and torch.jit.trace of 21 blocks
+def test_export_of_a_proxylessnas_space_run_is_its_frozen_network(tmp_path, capsys):
+    import torch
+    from search_spaces.proxylessnas import ProxylessSpace
+    run = tmp_path / 'proxyless-run'
+    (run / 'bundle').mkdir(parents=True)
+    space = {'name': 'proxylessnas', 'args': {'width_multiplier': 0.25}}
+    (run / 'config.yaml').write_text(yaml.safe_dump({**TINY_SEARCH, 'space': space}))
+    sample = {f'block_{i}': 'zero' if i in (1, 2) else 'mb3_k3' for i in range(21)}
+    (run / 'sample.json').write_text(json.dumps(sample))
+    (run / 'bundle' / 'summary.json').write_text(json.dumps({'data': {'in_channels': 1, 'image_size': 8,
+                                                                       'num_classes': 10}}))
+    code, _, err = _cli(capsys, 'export', run, '-f', 'torchscript', '-o', tmp_path / 'p.pt')
+    assert code == 0, err
+    loaded = torch.jit.load(str(tmp_path / 'p.pt'))
+    expected = ProxylessSpace(num_classes=10, in_channels=1, width_multiplier=0.25, dataset='digits').freeze(sample)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in expected.parameters())
+    assert loaded(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    code, _, err = _cli(capsys, 'export', run, '-f', 'torchscript', '--recipe', tmp_path / 'r.yml')
+    _one_line_error(code, err, '--recipe')
