@@ -187,8 +187,7 @@ def _tiny_nb201(**kwargs):
 
 def _strategy_kwargs(name):
     from nni_darts_variants.registry import get_strategy
-    from nni_darts_variants.testing import quick_kwargs
-    kwargs = quick_kwargs(get_strategy(name))
+    kwargs = get_strategy(name).smoke_kwargs()
     if name == 'pdarts':  # fixed depth: 1 cell per stage in every stage
         kwargs['stage_cells'] = (1,)
     return kwargs
