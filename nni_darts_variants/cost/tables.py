@@ -14,8 +14,9 @@ Candidates are measured at the input shapes they see in the network: one forward
 ``LayerChoice`` runs its first candidate, all candidates keep the shape) records them. ``const`` is the cost of the
 frozen network of the cheapest sample minus its candidates' costs. FLOPs and parameters use NNI's
 ``FlopsParamsProfiler`` (multiply-accumulates, batch norm and activations counted, NNI's convention), latency the
-median wall time of repeated forwards in eval mode, after a warm-up, at a fixed thread count, on the target device;
-latency tables are cached in a JSON file keyed by device, dtype, input shape, threads and the space's arguments.
+median time (wall or thread CPU clock) of repeated forwards in eval mode, after a warm-up, at a fixed thread count, on the target device;
+latency tables are cached in a JSON file keyed by device, dtype, input shape, threads, clock, calibration, the
+torch version and the space's arguments.
 """
 from __future__ import annotations
 
