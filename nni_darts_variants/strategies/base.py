@@ -602,9 +602,9 @@ class DartsVariant(DARTS):
        then runs :meth:`default_mutation_hooks` top-down over the model space. ``edge_class.mutate`` replaces every
        ``LayerChoice`` with the variant's :class:`MixedEdge` and ``node_class.mutate`` every ``InputChoice`` with its
        :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). An NNI ``Cell`` becomes a
-       :class:`~.nni_spaces.MixedCell` of the same edges and of ``cell_node_class`` nodes (default ``node_class``), a free ``InputChoice`` an ``input_class``,
-       mutable modules NNI's mixed operations with ``mixed_op_policy`` (``None``: refused); constructs listed in
-       ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
+       :class:`~.nni_spaces.MixedCell` of the same edges and of ``cell_node_class`` nodes (default ``node_class``),
+       a free ``InputChoice`` an ``input_class``, mutable modules NNI's mixed operations with ``mixed_op_policy``
+       (``None``: refused); constructs listed in ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
        (``edge_class``, ``node_class``, ``input_class``, ``mutate_kwargs``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
@@ -761,9 +761,9 @@ class DartsVariant(DARTS):
         """Our cells' nodes are tagged, NNI cells become :class:`~.nni_spaces.MixedCell` of the variant's edges and
         nodes, then choices, free inputs, repeats and mutable modules get their supermodules; anything left over is
         refused with its construct named."""
-        hooks = [suppress_supernet_modules, mark_cell_nodes, MixedCell.hook(self.edge_class, self.cell_node_class or self.node_class),
-                 self.edge_class.mutate, self.node_class.mutate, self.input_class.mutate,
-                 self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
+        cell_hook = MixedCell.hook(self.edge_class, self.cell_node_class or self.node_class)
+        hooks = [suppress_supernet_modules, mark_cell_nodes, cell_hook, self.edge_class.mutate, self.node_class.mutate,
+                 self.input_class.mutate, self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
         if self.mixed_op_policy is not None:
             hooks += [self._fallback_hook('value choice', op.mutate) for op in NATIVE_MIXED_OPERATIONS]
         return hooks + [self.refuse_dangling, no_default_hook]

@@ -293,10 +293,10 @@ class MixedCell(BaseSuperNetModule):
     For each intermediate node ``i`` and each earlier node ``j`` there is one edge (the variant's ``edge_class``,
     label ``'{cell}/{i}_{j}'``) over the cell's candidates built for input ``j``, plus DARTS's ``none`` (a
     :class:`Zero`) when the candidates lack it, as NNI's ``DifferentiableMixedCell`` emulates with one more logit;
-    node ``i`` is the variant's ``node_class`` over its ``i`` incoming edges (label ``'{cell}/input_{i}'``, choosing
-    ``num_ops_per_node`` of them, or all ``i`` when there are fewer). ``mutate_kwargs[CELL_OPERATIONS_KEY]`` can
-    restrict an edge's candidates (``none`` included) by edge label. The architecture parameters of these labels are created here and shared, through NNI's memo,
-    by every cell with the same label. The output concatenates every intermediate node (NNI's one-shot reading of
+    node ``i`` is the variant's cell node class over its ``i`` incoming edges (label ``'{cell}/input_{i}'``,
+    choosing ``num_ops_per_node`` of them, or all ``i`` when there are fewer). ``mutate_kwargs[CELL_OPERATIONS_KEY]``
+    can restrict an edge's candidates (``none`` included) by edge label. The architecture parameters of these labels
+    are created here and shared, through NNI's memo, by every cell with the same label. The output concatenates every intermediate node (NNI's one-shot reading of
     ``loose_end``); :meth:`sample` writes a discretization as NNI's ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and
     :meth:`freeze` is the original cell's, so the sample is one of the user's space.
 

@@ -8,7 +8,6 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from nni.nas.nn.pytorch import Cell
 
 from ..genotype import EdgeWeights, darts_rule
