@@ -604,8 +604,9 @@ class DartsVariant(DARTS):
        :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). An NNI ``Cell`` becomes a
        :class:`~.nni_spaces.MixedCell` of the same edges and of ``cell_node_class`` nodes (default ``node_class``),
        a free ``InputChoice`` an ``input_class``, mutable modules NNI's mixed operations with ``mixed_op_policy``
-       (``None``: refused); constructs listed in ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
-       (``edge_class``, ``node_class``, ``input_class``, ``mutate_kwargs``).
+       (``None``: refused); constructs listed in ``darts_fallback_for`` are logged once as plain-DARTS fallbacks.
+       **Hook: the mixed-edge forward** (``edge_class``, ``node_class``, ``cell_node_class``, ``input_class``,
+       ``mutate_kwargs``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
        (Adam with ``arc_learning_rate``, ``arc_betas``, ``arc_weight_decay``); NNI removes the alphas from the

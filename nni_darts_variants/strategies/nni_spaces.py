@@ -296,9 +296,9 @@ class MixedCell(BaseSuperNetModule):
     node ``i`` is the variant's cell node class over its ``i`` incoming edges (label ``'{cell}/input_{i}'``,
     choosing ``num_ops_per_node`` of them, or all ``i`` when there are fewer). ``mutate_kwargs[CELL_OPERATIONS_KEY]``
     can restrict an edge's candidates (``none`` included) by edge label. The architecture parameters of these labels
-    are created here and shared, through NNI's memo, by every cell with the same label. The output concatenates every intermediate node (NNI's one-shot reading of
-    ``loose_end``); :meth:`sample` writes a discretization as NNI's ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and
-    :meth:`freeze` is the original cell's, so the sample is one of the user's space.
+    are created here and shared, through NNI's memo, by every cell with the same label. The output concatenates every
+    intermediate node (NNI's one-shot reading of ``loose_end``); :meth:`sample` writes a discretization as NNI's
+    ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and :meth:`freeze` is the original cell's, so the sample is one of the user's space.
 
     The interface mirrors :class:`~search_spaces.cell.DartsCell` (``label``, ``node_indices``, ``edge``, ``inputs``)
     so that the variants' discretizations apply unchanged.
