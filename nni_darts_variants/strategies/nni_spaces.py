@@ -298,7 +298,8 @@ class MixedCell(BaseSuperNetModule):
     can restrict an edge's candidates (``none`` included) by edge label. The architecture parameters of these labels
     are created here and shared, through NNI's memo, by every cell with the same label. The output concatenates every
     intermediate node (NNI's one-shot reading of ``loose_end``); :meth:`sample` writes a discretization as NNI's
-    ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and :meth:`freeze` is the original cell's, so the sample is one of the user's space.
+    ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and :meth:`freeze` is the original cell's, so the sample is one of
+    the user's space.
 
     The interface mirrors :class:`~search_spaces.cell.DartsCell` (``label``, ``node_indices``, ``edge``, ``inputs``)
     so that the variants' discretizations apply unchanged.
