@@ -361,7 +361,7 @@ def test_free_input_choice_is_a_weighted_choice_for_darts() -> None:
                                             ('parsec', 'ParsecInput')])
 def test_free_input_choice_is_hard_sampled(strategy: str, kind: str) -> None:
     model = _mutated(strategy, _small_cell_space())
-    pick = next(m for m in model.modules() if type(m).__name__ == kind)
+    pick = next(m for m in model.modules() if type(m).__name__ == kind and m.label == 'pick')  # not a cell node
     pick.resample({})
     inputs = [torch.full((1, 2), 1.0), torch.full((1, 2), 100.0)]
     (chosen,) = pick.chosen
@@ -370,7 +370,8 @@ def test_free_input_choice_is_hard_sampled(strategy: str, kind: str) -> None:
 
 def test_gdas_free_input_gradient_reaches_every_alpha() -> None:
     from nni_darts_variants.strategies.gdas import GumbelMaxInput
-    pick = next(m for m in _mutated('gdas', _small_cell_space()).modules() if isinstance(m, GumbelMaxInput))
+    pick = next(m for m in _mutated('gdas', _small_cell_space()).modules()
+                if isinstance(m, GumbelMaxInput) and m.label == 'pick')
     pick.resample({})
     pick([torch.randn(1, 2, requires_grad=True), torch.randn(1, 2)]).sum().backward()
     assert pick._arch_alpha.grad is not None and bool((pick._arch_alpha.grad != 0).all())
