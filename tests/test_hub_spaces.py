@@ -40,7 +40,8 @@ SPACES = {
 
 #: (strategy or '*', space or '*') -> the start of the refusal message at mutation.
 REFUSALS = {
-    ('pdarts', '*'): 'P-DARTS rebuilds the model space',  # first: P-DARTS refuses before any space check
+    **{('pdarts', space): 'P-DARTS rebuilds the model space'  # first: P-DARTS refuses before any space check
+       for space in ('NasBench201', 'NasBench101', 'ProxylessNAS', 'MobileNetV3Space', 'ShuffleNetSpace')},
     ('*', 'NasBench101'): 'NasBench101: cell/final is a NasBench101CellConstraint',
     ('proxyless', 'MobileNetV3Space'): 'proxyless cannot search',
     ('parsec', 'MobileNetV3Space'): 'parsec cannot search',
@@ -96,21 +97,110 @@ def _mutated(strategy: str, space: nn.Module | None = None, **kwargs) -> nn.Modu
     return create_strategy(strategy, **kwargs).mutate_model(space)
 
 
-def test_gdas_runs_one_candidate_per_edge_on_hub_darts() -> None:
-    from nni_darts_variants.strategies.gdas import GumbelMaxEdge
-    model = _mutated('gdas')
-    edges = [m for m in model.modules() if isinstance(m, GumbelMaxEdge)]
-    assert len({e.label for e in edges}) == 2 * 14  # one label per edge of the normal and the reduction cell
-    calls = {id(e): 0 for e in edges}
+#: Rigged logits: +20 for the favoured entries, -20 for the others (a gap of 40 that no Gumbel draw closes in practice).
+_HIGH, _LOW = 20.0, -20.0
 
-    def counter(key: int):
+
+def _rigged_op(node: int, j: int) -> str:
+    return hub.DARTS.DARTS_OPS[(node + 2 * j) % len(hub.DARTS.DARTS_OPS)]
+
+
+def _rigged_inputs(node: int) -> list[int]:
+    return [0, node - 1]
+
+
+def _rig_cells(model: nn.Module) -> list:
+    """Every node of every hub DARTS cell favours inputs ``_rigged_inputs``, every edge the op ``_rigged_op``."""
+    from nni_darts_variants.strategies.nni_spaces import MixedCell
+    cells = [m for m in model.modules() if isinstance(m, MixedCell)]
+    with torch.no_grad():
+        for cell in cells:
+            for node in cell.node_indices:
+                (beta,) = cell.inputs[str(node)].arch_parameters()
+                beta.fill_(_LOW)[_rigged_inputs(node)] = _HIGH
+                for j in range(node):
+                    edge = cell.edge(node, j)
+                    edge.alpha.fill_(_LOW)[edge.names.index(_rigged_op(node, j))] = _HIGH
+    return cells
+
+
+def _draw(strategy: str, model: nn.Module) -> None:
+    """One sample, as the strategy's search loop draws it before a step."""
+    from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
+    if strategy == 'parsec':
+        from nni_darts_variants.strategies.parsec import sample_architecture
+        sample_architecture(model)
+        return
+    memo: dict = {}
+    for module in model.modules():
+        if isinstance(module, BaseSuperNetModule):
+            memo.update(module.resample(memo))
+
+
+_SAMPLERS = [pytest.param(s, marks=[] if s == 'gdas' else [pytest.mark.slow]) for s in ('gdas', 'proxyless', 'parsec')]
+
+
+@pytest.mark.parametrize('strategy', _SAMPLERS)
+def test_sampling_runs_only_sampled_inputs_and_one_op_per_edge_on_hub_darts(strategy: str) -> None:
+    """On hub DARTS each node computes only the edges of its sampled inputs, each edge one candidate: the forward
+    calls of every candidate of every cell are counted against the rigged choices."""
+    torch.manual_seed(0)
+    model = _mutated(strategy)
+    cells = _rig_cells(model)
+    assert [c.label for c in cells] == ['normal', 'reduce', 'reduce']  # hub DARTS, 3 cells: reductions at 1 and 2
+    calls: dict[tuple[int, int, int, str], int] = {}
+
+    def counter(key: tuple[int, int, int, str]):
+        calls[key] = 0
         return lambda module, args, output: calls.__setitem__(key, calls[key] + 1)
-    for edge in edges:
-        edge.resample({})
-        for name in edge.names:
-            edge[name].register_forward_hook(counter(id(edge)))
+    for c, cell in enumerate(cells):
+        for node in cell.node_indices:
+            for j in range(node):
+                edge = cell.edge(node, j)
+                for name in edge.names:
+                    edge[name].register_forward_hook(counter((c, node, j, name)))
+    _draw(strategy, model)
     model(torch.randn(2, 3, 8, 8))
-    assert calls == {id(e): 1 for e in edges}
+    expected = {key: int(key[2] in _rigged_inputs(key[1]) and key[3] == _rigged_op(key[1], key[2])) for key in calls}
+    assert calls == expected
+    assert sum(calls.values()) == 3 * 4 * 2  # cells x nodes x num_ops_per_node
+
+
+@pytest.mark.parametrize('strategy', _SAMPLERS)
+def test_sampled_cell_nodes_export_their_own_inputs_under_nni_labels(strategy: str) -> None:
+    cell = _rig_cells(_mutated(strategy))[0]
+    module_class = get_strategy(strategy).module_class
+    sample = module_class.export_cell(module_class.__new__(module_class), cell)
+    expected = {}
+    for node in range(2, 6):
+        for k, j in enumerate(_rigged_inputs(node)):  # equal logits: the lower input first
+            expected[f'normal/op_{node}_{k}'] = _rigged_op(node, j)
+            expected[f'normal/input_{node}_{k}'] = [j]
+    assert sample == expected
+    hub.DARTS(width=4, num_cells=3, dataset='cifar').freeze({**sample, **{
+        k.replace('normal/', 'reduce/'): v for k, v in sample.items()}})  # a valid sample of the user's space
+
+
+def test_proxyless_cell_node_binary_gate_gradient() -> None:
+    """Arch phase on a hub DARTS node: the value is the sum of the sampled inputs and the gradient of the node's
+    alpha is the binary-gate one, ``p_i (g_i - sum_j p_j g_j)`` with ``g_j = <dL/dout, x_j>`` (ProxylessNAS)."""
+    from nni_darts_variants.strategies.nni_spaces import MixedCell
+    cell = next(m for m in _mutated('proxyless').modules() if isinstance(m, MixedCell))
+    node = cell.inputs['5']
+    (alpha,) = node.arch_parameters()
+    with torch.no_grad():
+        alpha.copy_(torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4]))
+    torch.manual_seed(1)
+    node.phase = 'arch'
+    node.resample({})
+    xs = [torch.randn(2, 3) for _ in range(5)]
+    w = torch.randn(2, 3)
+    out = node(xs)
+    assert len(node.chosen) == 2 and torch.allclose(out.detach(), xs[node.chosen[0]] + xs[node.chosen[1]])
+    (out * w).sum().backward()
+    p = torch.exp(alpha.detach()) / torch.exp(alpha.detach()).sum()
+    g = torch.stack([(x * w).sum() for x in xs])
+    assert torch.allclose(alpha.grad, p * (g - (p * g).sum()), atol=1e-6)
 
 
 def test_pcdarts_partial_channels_on_hub_darts() -> None:
@@ -183,6 +273,50 @@ def test_darts_rule_on_nni_cell_exports_nni_labels() -> None:
     assert set(sample) == {f'normal/{kind}_{i}_{k}' for kind in ('op', 'input') for i in range(2, 6) for k in (0, 1)}
 
 
+# ----- P-DARTS on NNI Cell spaces ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pdarts_stages_on_hub_darts(monkeypatch) -> None:
+    """Two stages on hub DARTS: stage 2 is a deeper network (4 cells) whose every edge keeps the 2 operations with
+    the highest stage-1 softmax; the export is a valid sample of the user's 3-cell space."""
+    from nni_darts_variants.strategies.nni_spaces import MixedCell
+    from nni_darts_variants.strategies.pdarts import PDartsLightning
+    stage1: dict[str, dict[str, float]] = {}
+    build_stage = PDartsLightning.build_stage
+
+    def recording(self, stage, optimizers=False):
+        if stage == 1:
+            stage1.update({e.label: dict(zip(e.names, F.softmax(e.alpha.detach(), -1).tolist()))
+                           for _, _, e in self.cell_edges()})
+        return build_stage(self, stage, optimizers)
+    monkeypatch.setattr(PDartsLightning, 'build_stage', recording)
+    strategy = create_strategy('pdarts', stage_cells=(3, 4), num_to_keep=(2, 1), epochs_per_stage=1,
+                               stage_warmup_epochs=0, skip_dropout=(0.1, 0.2))
+    result = run_tiny_search(strategy, space=SPACES['DARTS'][0](), max_epochs=2,
+                             loaders=tiny_loaders(n=16, channels=3, size=8))
+    network = strategy.oneshot_module.training_module
+    assert [c.label for c in network.modules() if isinstance(c, MixedCell)] == ['normal', 'reduce', 'reduce', 'normal']
+    assert len(stage1) == 2 * 14 and all(len(ops) == 8 for ops in stage1.values())  # 7 hub ops + none
+    kept = {label: sorted(sorted(ops, key=ops.get)[-2:]) for label, ops in stage1.items()}
+    assert {e.label: sorted(e.names) for _, _, e in strategy.oneshot_module.cell_edges()} == kept
+    for label, op in result.sample.items():
+        if '/op_' in label:
+            node, k = label.split('_')[-2:]
+            (j,) = result.sample[label.replace('/op_', '/input_')]
+            assert op in kept[f'{label.split("/")[0]}/{node}_{j}'] and op != 'none', (label, k)
+    model = SPACES['DARTS'][0]().freeze(result.sample)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_pdarts_check_space() -> None:
+    from nni_darts_variants.strategies.pdarts import PDarts
+    PDarts.check_space(SPACES['DARTS'][0]())  # hub Cell spaces are rebuilt per stage
+    with pytest.raises(TypeError, match='^P-DARTS rebuilds .* NasBench201 takes no `num_cells` argument; use '):
+        PDarts.check_space(SPACES['NasBench201'][0]())
+    with pytest.raises(TypeError, match=r'num_cells=\(3, 4\), a depth choice; give num_cells one number'):
+        PDarts.check_space(hub.DARTS(width=4, num_cells=(3, 4), dataset='cifar'))
+
+
 # ----- NNI Cell and free InputChoice in a user's space ---------------------------------------------------------------
 
 def _small_cell_space():
@@ -227,7 +361,7 @@ def test_free_input_choice_is_a_weighted_choice_for_darts() -> None:
                                             ('parsec', 'ParsecInput')])
 def test_free_input_choice_is_hard_sampled(strategy: str, kind: str) -> None:
     model = _mutated(strategy, _small_cell_space())
-    pick = next(m for m in model.modules() if type(m).__name__ == kind)
+    pick = next(m for m in model.modules() if type(m).__name__ == kind and m.label == 'pick')  # not a cell node
     pick.resample({})
     inputs = [torch.full((1, 2), 1.0), torch.full((1, 2), 100.0)]
     (chosen,) = pick.chosen
@@ -236,7 +370,8 @@ def test_free_input_choice_is_hard_sampled(strategy: str, kind: str) -> None:
 
 def test_gdas_free_input_gradient_reaches_every_alpha() -> None:
     from nni_darts_variants.strategies.gdas import GumbelMaxInput
-    pick = next(m for m in _mutated('gdas', _small_cell_space()).modules() if isinstance(m, GumbelMaxInput))
+    pick = next(m for m in _mutated('gdas', _small_cell_space()).modules()
+                if isinstance(m, GumbelMaxInput) and m.label == 'pick')
     pick.resample({})
     pick([torch.randn(1, 2, requires_grad=True), torch.randn(1, 2)]).sum().backward()
     assert pick._arch_alpha.grad is not None and bool((pick._arch_alpha.grad != 0).all())
@@ -245,7 +380,7 @@ def test_gdas_free_input_gradient_reaches_every_alpha() -> None:
 # ----- NNI's tutorial and the YAML/CLI entry ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('strategy', [pytest.param(s, marks=[] if s == 'gdas' else [pytest.mark.slow])
-                                      for s in list_strategies() if s != 'pdarts'])
+                                      for s in list_strategies()])
 def test_nni_tutorial_searching_in_darts_space(strategy: str, tmp_path) -> None:
     """NNI's tutorial "Searching in DARTS search space", with our strategy in place of ``nni.nas.strategy.DARTS``
     (its evaluator settings, tiny width, depth and data)."""

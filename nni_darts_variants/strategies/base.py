@@ -29,7 +29,7 @@ from search_spaces.cell import DartsCell, edge_label, input_label
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_cell_nodes, note_fallback,
-                         suppress_supernet_modules)
+                         strongest_operation, suppress_supernet_modules)
 
 __all__ = ['MixedEdge', 'MixedNode', 'MixedInput', 'VariantLightningModule', 'DartsVariant', 'loss_of',
            'first_per_label', 'keep_zero_gradients', 'check_weight_grad_reset', 'WEIGHT_GRAD_RESETS']
@@ -554,8 +554,9 @@ class VariantLightningModule(DartsLightningModule):
         """NNI sample entries of one cell type: the chosen inputs per node and an operation for every edge
         (a :class:`~.nni_spaces.MixedCell` writes NNI's own ``op_{i}_{k}`` / ``input_{i}_{k}`` labels)."""
         weights = self.edge_weights(cell)
-        if isinstance(cell, MixedCell):
-            return cell.sample(self.discretize(weights, cell))
+        if isinstance(cell, MixedCell):  # nodes that sample their inputs choose them; else the discretization
+            nodes = cell.node_discretization(weights)
+            return cell.sample(nodes if nodes is not None else self.discretize(weights, cell))
         nodes = self.discretize(weights, cell)
         sample: dict[str, Any] = {}
         for node, pairs in nodes.items():
@@ -563,7 +564,7 @@ class VariantLightningModule(DartsLightningModule):
             chosen = {j: op for op, j in pairs}
             for (target, j), ops in weights.items():
                 if target == node:
-                    best = chosen.get(j) or max((o for o in ops if o != 'none'), key=ops.get, default=next(iter(ops)))
+                    best = chosen.get(j) or strongest_operation(ops)
                     sample[edge_label(cell.label, node, j)] = best
         return sample
 
@@ -610,10 +611,11 @@ class DartsVariant(DARTS):
        then runs :meth:`default_mutation_hooks` top-down over the model space. ``edge_class.mutate`` replaces every
        ``LayerChoice`` with the variant's :class:`MixedEdge` and ``node_class.mutate`` every ``InputChoice`` with its
        :class:`MixedNode`; each receives ``mutate_kwargs()`` (the variant's configuration). An NNI ``Cell`` becomes a
-       :class:`~.nni_spaces.MixedCell` of the same edge and node classes, a free ``InputChoice`` an ``input_class``,
-       mutable modules NNI's mixed operations with ``mixed_op_policy`` (``None``: refused); constructs listed in
-       ``darts_fallback_for`` are logged once as plain-DARTS fallbacks. **Hook: the mixed-edge forward**
-       (``edge_class``, ``node_class``, ``input_class``, ``mutate_kwargs``).
+       :class:`~.nni_spaces.MixedCell` of the same edges and of ``cell_node_class`` nodes (default ``node_class``),
+       a free ``InputChoice`` an ``input_class``, mutable modules NNI's mixed operations with ``mixed_op_policy``
+       (``None``: refused); constructs listed in ``darts_fallback_for`` are logged once as plain-DARTS fallbacks.
+       **Hook: the mixed-edge forward** (``edge_class``, ``node_class``, ``cell_node_class``, ``input_class``,
+       ``mutate_kwargs``).
     2. :meth:`configure_oneshot_module` wraps the evaluator's Lightning module in ``module_class``
        (:class:`VariantLightningModule`). Its ``configure_architecture_optimizers`` builds the architecture optimizer
        (Adam with ``arc_learning_rate``, ``arc_betas``, ``arc_weight_decay``); NNI removes the alphas from the
@@ -670,6 +672,8 @@ class DartsVariant(DARTS):
     description: ClassVar[str] = ''
     edge_class: ClassVar[type[MixedEdge]] = MixedEdge
     node_class: ClassVar[type[MixedNode]] = MixedNode
+    #: Supermodule of the nodes of an NNI ``Cell`` (``None``: ``node_class``); GDAS and ProxylessNAS sample them.
+    cell_node_class: ClassVar[type | None] = None
     #: Supermodule of a free ``InputChoice`` (one outside a cell).
     input_class: ClassVar[type[MixedInput]] = MixedInput
     #: NNI's sampling policy for the value choices of mutable modules (``MutableConv2d`` ...); ``None``: the variant
@@ -762,9 +766,9 @@ class DartsVariant(DARTS):
         """Our cells' nodes are tagged, NNI cells become :class:`~.nni_spaces.MixedCell` of the variant's edges and
         nodes, then choices, free inputs, repeats and mutable modules get their supermodules; anything left over is
         refused with its construct named."""
-        hooks = [suppress_supernet_modules, mark_cell_nodes, MixedCell.hook(self.edge_class, self.node_class),
-                 self.edge_class.mutate, self.node_class.mutate, self.input_class.mutate,
-                 self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
+        cell_hook = MixedCell.hook(self.edge_class, self.cell_node_class or self.node_class)
+        hooks = [suppress_supernet_modules, mark_cell_nodes, cell_hook, self.edge_class.mutate, self.node_class.mutate,
+                 self.input_class.mutate, self._fallback_hook('repeat depth', DifferentiableMixedRepeat.mutate)]
         if self.mixed_op_policy is not None:
             hooks += [self._fallback_hook('value choice', op.mutate) for op in NATIVE_MIXED_OPERATIONS]
         return hooks + [self.refuse_dangling, no_default_hook]

@@ -12,6 +12,7 @@ from nni.nas.nn.pytorch import LayerChoice
 from ..registry import register_strategy
 from .base import (DartsVariant, MixedEdge, MixedInput, VariantLightningModule, check_weight_grad_reset,
                    keep_zero_gradients)
+from .nni_spaces import InputSampler
 
 __all__ = ['Gdas', 'GumbelMaxEdge', 'GumbelMaxInput', 'GdasLightning', 'gumbel_noise', 'linear_temperature']
 
@@ -110,18 +111,21 @@ class GumbelMaxEdge(MixedEdge):
         return cls(module.candidates, alpha, module.label, temperature=mutate_kwargs.get('temperature', 10.0))
 
 
-class GumbelMaxInput(MixedInput):
-    """GDAS on a free ``InputChoice``: ``n_chosen`` inputs drawn by Gumbel-top-k, straight-through weights.
+class GumbelMaxInput(InputSampler, MixedInput):
+    """GDAS on an input choice: ``n_chosen`` inputs drawn by Gumbel-top-k, straight-through weights.
 
     ``k_1..k_n`` are the ``n_chosen`` largest ``log_softmax(alpha) + g`` (sampling without replacement from
     ``softmax(alpha)``); only they enter the output, each scaled by ``1 - probs_k.detach() + probs_k`` with
     ``probs = softmax((log_softmax(alpha) + g) / tau)``: the value is the plain sum (or mean) of the chosen inputs and
     the gradient reaches every alpha. The noise is shared by all modules with the label.
+
+    Used for free ``InputChoice`` and for the nodes of an NNI ``Cell`` (``num_ops_per_node`` of the node's incoming
+    edges; the others are not computed, see :class:`~.nni_spaces.InputSampler`). Our ``DartsCell`` keeps the official
+    GDAS node, the sum of all its edges.
     """
 
     temperature: float = 10.0
     _noise: torch.Tensor | None = None
-    chosen: list[int] | None = None
 
     def _probs(self) -> torch.Tensor:
         return F.softmax((F.log_softmax(self._arch_alpha, dim=-1) + self._noise) / self.temperature, dim=-1)
@@ -134,12 +138,11 @@ class GumbelMaxInput(MixedInput):
             self.chosen = sorted(torch.topk(scores, self.n_chosen or 1).indices.tolist())
         return {self.label: list(self.chosen), noise_key: self._noise}
 
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        if self.chosen is None:
-            self.resample({})
+    def forward(self, inputs: list[torch.Tensor | None]) -> torch.Tensor:
+        chosen = self.sampled_inputs()
         probs = self._probs()
-        out = sum(inputs[j] * (1 - probs[j].detach() + probs[j]) for j in self.chosen)
-        return out / len(self.chosen) if self.reduction == 'mean' else out
+        out = sum(inputs[j] * (1 - probs[j].detach() + probs[j]) for j in chosen)
+        return out / len(chosen) if self.reduction == 'mean' else out
 
 
 class GdasLightning(VariantLightningModule):
@@ -185,6 +188,11 @@ class Gdas(DartsVariant):
     the DARTS rule is applied to ``softmax(alpha)`` instead (identical whenever the official pairs use distinct
     inputs).
 
+    On an NNI ``Cell`` (hub ``DARTS``, ``NASNet`` ...) each node also samples its inputs: ``num_ops_per_node`` of its
+    incoming edges by Gumbel-top-k over the node's own alpha, straight-through (:class:`GumbelMaxInput`), and only
+    those edges run, each its one sampled operation. The export takes each node's strongest inputs by that alpha,
+    each with its edge's strongest operation (never ``none``), under NNI's labels ``op_{i}_{k}`` / ``input_{i}_{k}``.
+
     Parameters
     ----------
     tau_max, tau_min
@@ -203,6 +211,7 @@ class Gdas(DartsVariant):
 
     edge_class = GumbelMaxEdge
     input_class = GumbelMaxInput
+    cell_node_class = GumbelMaxInput
     darts_fallback_for = ('repeat depth', 'value choice')
     module_class = GdasLightning
 

@@ -10,6 +10,8 @@ what the strategies need to search them with their own mathematics:
   drops, ...), and one node per intermediate node, an instance of the variant's ``node_class`` (PC-DARTS edge
   normalization, PARSEC's input prior). Its export is the variant's discretization (the DARTS rule by default) written
   under NNI's own labels ``'{cell}/op_{i}_{k}'`` and ``'{cell}/input_{i}_{k}'``; ``freeze`` is the original cell's.
+  A node that is an :class:`InputSampler` (GDAS, ProxylessNAS) takes only the inputs of its current sample: the
+  other incoming edges are not computed, and the export takes the node's strongest inputs by its own logits.
 * :func:`probe_edge` finds, by one tiny forward pass, whether the candidates of a choice keep the channel count and
   their stride; :func:`partial_candidates` rebuilds such candidates at ``C / K`` channels (PC-DARTS);
   :func:`darts_edge_spec` recognises the DARTS family of operations (MergeNAS).
@@ -33,17 +35,24 @@ from search_spaces.cell import EdgeSpec
 from search_spaces.ops import PRIMITIVES
 
 __all__ = [
+    'CELL_OPERATIONS_KEY',
     'FALLBACKS_KEY',
+    'InputSampler',
     'MixedCell',
     'Zero',
     'darts_edge_spec',
     'note_fallback',
     'partial_candidates',
     'probe_edge',
+    'strongest_operation',
 ]
 
 #: Key of ``mutate_kwargs`` under which the strategy collects ``{reason: [labels]}`` of partial fallbacks.
 FALLBACKS_KEY = 'fallbacks'
+
+#: Key of ``mutate_kwargs`` holding ``{edge label: [operation, ...]}``: the candidates a :class:`MixedCell` keeps on
+#: those edges (P-DARTS's pruning between stages); edges not listed keep every candidate.
+CELL_OPERATIONS_KEY = 'cell_operations'
 
 #: Side of the probe images (small, even, large enough for two stride-2 reductions).
 _PROBE_SIZE = 8
@@ -224,6 +233,19 @@ def _cell_candidates(cell: Cell, node: int, j: int) -> dict[str, nn.Module]:
     return {str(name): copy.deepcopy(choice[name]) for name in choice.names}
 
 
+def _kept_candidates(candidates: dict[str, nn.Module], label: str, mutate_kwargs: dict[str, Any]
+                     ) -> dict[str, nn.Module]:
+    """The candidates of edge ``label`` that ``mutate_kwargs[CELL_OPERATIONS_KEY]`` keeps (all when not listed)."""
+    kept = (mutate_kwargs.get(CELL_OPERATIONS_KEY) or {}).get(label)
+    if kept is None:
+        return candidates
+    unknown = [op for op in kept if op not in candidates]
+    if unknown or not kept:
+        raise ValueError(f'{label}: operations to keep {list(kept)} must be a non-empty subset of its candidates '
+                         f'{list(candidates)}')
+    return {op: module for op, module in candidates.items() if op in kept}
+
+
 def _stride_of(candidates: dict[str, nn.Module]) -> int:
     strides = [max(m.stride) if isinstance(m.stride, tuple) else int(m.stride)
                for c in candidates.values() for m in c.modules()
@@ -232,17 +254,52 @@ def _stride_of(candidates: dict[str, nn.Module]) -> int:
     return max(strides, default=1)
 
 
+class InputSampler:
+    """Mixin of a supermodule of an input choice that takes only the inputs of its current sample (hard sampling).
+
+    Inside a :class:`MixedCell` such a node decides which incoming edges run: those of :meth:`sampled_inputs` with
+    their graph, the others not at all, or without graph when :meth:`probes_unchosen` (their outputs are needed for
+    the gradient of the node's logits, e.g. ProxylessNAS's binary gates). The subclass's ``resample`` sets
+    ``chosen``; its logits are NNI's ``_arch_alpha`` (``DifferentiableMixedInput``) unless :meth:`ranked_inputs` is
+    overridden.
+    """
+
+    chosen: list[int] | None = None
+
+    def sampled_inputs(self) -> list[int]:
+        """The inputs of the current sample (drawn first if the module has none yet)."""
+        if self.chosen is None:
+            self.resample({})
+        return self.chosen
+
+    def probes_unchosen(self) -> bool:
+        """Whether the inputs left out of the sample are computed too, without graph (default: no)."""
+        return False
+
+    def ranked_inputs(self) -> list[int]:
+        """Every input, strongest logit first (ties to the lower index): the export takes the first ``n_chosen``."""
+        logits = self._arch_alpha.detach().cpu().tolist()
+        return sorted(range(len(logits)), key=lambda j: (-logits[j], j))
+
+
+def strongest_operation(weights: dict[str, float]) -> str:
+    """The operation with the largest weight that is not ``none`` (``none`` only when it is the sole candidate)."""
+    return max((op for op in weights if op != 'none'), key=weights.get, default=next(iter(weights)))
+
+
 class MixedCell(BaseSuperNetModule):
     """The supernet of an NNI ``Cell`` with the variant's edges and nodes (DARTS's cell, under NNI's labels).
 
     For each intermediate node ``i`` and each earlier node ``j`` there is one edge (the variant's ``edge_class``,
     label ``'{cell}/{i}_{j}'``) over the cell's candidates built for input ``j``, plus DARTS's ``none`` (a
     :class:`Zero`) when the candidates lack it, as NNI's ``DifferentiableMixedCell`` emulates with one more logit;
-    node ``i`` is the variant's ``node_class`` over its ``i`` incoming edges (label ``'{cell}/input_{i}'``, choosing
-    ``num_ops_per_node``). The architecture parameters of these labels are created here and shared, through NNI's memo,
-    by every cell with the same label. The output concatenates every intermediate node (NNI's one-shot reading of
-    ``loose_end``); :meth:`sample` writes a discretization as NNI's ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and
-    :meth:`freeze` is the original cell's, so the sample is one of the user's space.
+    node ``i`` is the variant's cell node class over its ``i`` incoming edges (label ``'{cell}/input_{i}'``,
+    choosing ``num_ops_per_node`` of them, or all ``i`` when there are fewer). ``mutate_kwargs[CELL_OPERATIONS_KEY]``
+    can restrict an edge's candidates (``none`` included) by edge label. The architecture parameters of these labels
+    are created here and shared, through NNI's memo, by every cell with the same label. The output concatenates every
+    intermediate node (NNI's one-shot reading of ``loose_end``); :meth:`sample` writes a discretization as NNI's
+    ``op_{i}_{k}`` / ``input_{i}_{k}`` labels and :meth:`freeze` is the original cell's, so the sample is one of
+    the user's space.
 
     The interface mirrors :class:`~search_spaces.cell.DartsCell` (``label``, ``node_indices``, ``edge``, ``inputs``)
     so that the variants' discretizations apply unchanged.
@@ -264,12 +321,13 @@ class MixedCell(BaseSuperNetModule):
                 if 'none' not in candidates:
                     candidates = {'none': Zero(_stride_of(candidates)), **candidates}
                 label = hierarchical_label([*str(self.label).split('/'), f'{node}_{j}'])
+                candidates = _kept_candidates(candidates, label, mutate_kwargs)
                 alpha = self._shared_alpha(memo, label, len(candidates))
                 choice = LayerChoice(candidates, label=label)
                 self.edges[f'{node}_{j}'] = edge_class.from_layer_choice(choice, alpha, mutate_kwargs)
             label = hierarchical_label([*str(self.label).split('/'), f'input_{node}'])
             alpha = self._shared_alpha(memo, label, node)
-            choice = InputChoice(node, self.num_ops_per_node, reduction='sum', label=label)
+            choice = InputChoice(node, min(self.num_ops_per_node, node), reduction='sum', label=label)
             self.inputs[str(node)] = node_class.from_input_choice(choice, alpha, mutate_kwargs)
 
     @staticmethod
@@ -302,9 +360,41 @@ class MixedCell(BaseSuperNetModule):
         processed = preprocess_cell_inputs(self.num_predecessors, *inputs)
         states = list(self.preprocessor(processed))
         for node in self.node_indices:
-            edge_outputs = [self.edge(node, j)(states[j]) for j in range(node)]
-            states.append(self.inputs[str(node)](edge_outputs))
+            states.append(self.inputs[str(node)](self._edge_outputs(node, states)))
         return self.postprocessor(torch.cat(states[self.num_predecessors:], self.concat_dim), processed)
+
+    def _edge_outputs(self, node: int, states: list[Any]) -> list[Any]:
+        """The outputs of node ``node``'s incoming edges: all of them, or, for an :class:`InputSampler`, those of its
+        sample (the others ``None``, or computed without graph when it probes them)."""
+        choice = self.inputs[str(node)]
+        if not isinstance(choice, InputSampler):
+            return [self.edge(node, j)(states[j]) for j in range(node)]
+        taken = set(choice.sampled_inputs())
+        outputs: list[Any] = []
+        for j in range(node):
+            if j in taken:
+                outputs.append(self.edge(node, j)(states[j]))
+            elif choice.probes_unchosen():
+                with torch.no_grad():
+                    outputs.append(self.edge(node, j)(states[j]))
+            else:
+                outputs.append(None)
+        return outputs
+
+    def node_discretization(self, weights: dict[tuple[int, int], dict[str, float]]
+                            ) -> dict[int, list[tuple[str, int]]] | None:
+        """``{node: [(op, j), ...]}`` chosen by the nodes themselves when every node is an :class:`InputSampler`:
+        its ``n_chosen`` strongest inputs (:meth:`InputSampler.ranked_inputs`), each with its edge's strongest
+        operation in ``weights`` that is not ``none``. ``None`` when the nodes take every input (the variant's
+        discretization then picks the inputs, the DARTS rule by default)."""
+        nodes: dict[int, list[tuple[str, int]]] = {}
+        for node in self.node_indices:
+            choice = self.inputs[str(node)]
+            if not isinstance(choice, InputSampler):
+                return None
+            nodes[node] = [(strongest_operation(weights[(node, j)]), j)
+                           for j in choice.ranked_inputs()[:choice.n_chosen]]
+        return nodes
 
     def sample(self, nodes: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
         """NNI sample entries from a discretization ``{node: [(op, j), ...]}`` (strongest first)."""

@@ -8,11 +8,13 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nni.nas.nn.pytorch import Cell
 
 from ..genotype import EdgeWeights, darts_rule
 from search_spaces.cell import DartsCell
 from ..registry import init_signature, register_strategy
 from .base import DartsVariant, MixedEdge, VariantLightningModule, first_per_label
+from .nni_spaces import CELL_OPERATIONS_KEY, MixedCell
 
 __all__ = ['PDarts', 'PDartsEdge', 'PDartsLightning', 'drop_operations', 'skip_dropout_rate',
            'limit_skip_connections', 'SKIP']
@@ -54,17 +56,19 @@ def skip_dropout_rate(epoch: int, rate: float, epochs: int, warmup: int, decay: 
     return rate * math.exp(-decay * (epoch - warmup))
 
 
-def limit_skip_connections(weights: EdgeWeights, max_skip: int | None) -> dict[int, list[tuple[str, int]]]:
+def limit_skip_connections(weights: EdgeWeights, max_skip: int | None, per_node: int = 2
+                           ) -> dict[int, list[tuple[str, int]]]:
     """The P-DARTS final cell: the DARTS rule, then at most ``max_skip`` skip-connects (official refinement).
 
     The DARTS rule on the last stage's softmax (``none`` excluded) equals the official final pick (drop ``none``
     first, keep the strongest op; rank edges by it). While the cell has more than ``max_skip`` skip-connects, the
     chosen skip-connect with the lowest probability is removed from its edge, which then takes its best remaining
     non-``none`` op, and the two edges of every node are re-selected. A skip on an edge with no other candidate is
-    kept (nothing to replace it with). ``max_skip=None`` disables the limit.
+    kept (nothing to replace it with). ``max_skip=None`` disables the limit. ``per_node``: inputs per node (an NNI
+    cell's ``num_ops_per_node``).
     """
     allowed = {edge: {op: float(w) for op, w in ops.items() if op != 'none'} for edge, ops in weights.items()}
-    nodes = darts_rule(allowed)
+    nodes = darts_rule(allowed, per_node=per_node)
     while max_skip is not None:
         skips = [(node, j) for node, pairs in nodes.items() for op, j in pairs if op == SKIP]
         removable = [edge for edge in skips if len(allowed[edge]) > 1]
@@ -72,7 +76,7 @@ def limit_skip_connections(weights: EdgeWeights, max_skip: int | None) -> dict[i
             break
         weakest = min(removable, key=lambda edge: allowed[edge][SKIP])
         del allowed[weakest][SKIP]
-        nodes = darts_rule(allowed)
+        nodes = darts_rule(allowed, per_node=per_node)
     return nodes
 
 
@@ -95,16 +99,32 @@ class PDartsEdge(MixedEdge):
         return output
 
 
+_REBUILDABLE = ('use DartsSpace, NasBench201Space or an NNI Cell space such as nni.nas.hub.pytorch.DARTS, NASNet, '
+                'ENAS, AmoebaNet or PNAS')
+
+
 def space_blueprint(space: nn.Module) -> tuple[type, dict[str, Any]]:
-    """The class of a model space and its constructor arguments (NNI records them), checked for P-DARTS' needs."""
+    """The class of a model space and its constructor arguments (NNI records them), checked for P-DARTS' needs:
+    a ``num_cells`` argument that is one number (the stages set the depth)."""
     signature = init_signature(type(space))
-    params = signature.parameters
-    if not {'num_cells', 'operations'} <= set(params):
-        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
-                        f'{type(space).__name__} takes no `num_cells` and `operations` arguments; use DartsSpace')
+    name = type(space).__name__
+    if 'num_cells' not in signature.parameters:
+        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but {name} '
+                        f'takes no `num_cells` argument; {_REBUILDABLE}')
     bound = signature.bind(space, *space.trace_args, **space.trace_kwargs)
     bound.apply_defaults()
-    return type(space), dict(list(bound.arguments.items())[1:])
+    kwargs = dict(list(bound.arguments.items())[1:])
+    if not isinstance(kwargs['num_cells'], int):
+        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but {name} '
+                        f'has num_cells={kwargs["num_cells"]!r}, a depth choice; give num_cells one number (the '
+                        'stages set the depth, stage_cells)')
+    return type(space), kwargs
+
+
+def prunes_by_constructor(kwargs: dict[str, Any]) -> bool:
+    """Whether the space takes the surviving operations as its ``operations`` argument (``DartsSpace``); otherwise
+    they reach its NNI cells through the mutation (:data:`~.nni_spaces.CELL_OPERATIONS_KEY`)."""
+    return 'operations' in kwargs
 
 
 class PDartsLightning(VariantLightningModule):
@@ -141,8 +161,8 @@ class PDartsLightning(VariantLightningModule):
         return {edge.label: list(edge.names) for edge in self.searched_edges()}
 
     def searched_edges(self) -> list[MixedEdge]:
-        """One mixed edge per label: the cell edges, or, in a space without ``DartsCell`` (NasBench201Space), every
-        mixed edge."""
+        """One mixed edge per label: the cell edges (``DartsCell`` or NNI ``Cell``), or, in a space without cells
+        (NasBench201Space), every mixed edge."""
         if not self.darts_cells():
             return list(first_per_label(self.supernet_modules(), MixedEdge).values())
         return [edge for _, _, edge in self.cell_edges()]
@@ -155,8 +175,12 @@ class PDartsLightning(VariantLightningModule):
     def build_stage(self, stage: int, optimizers: bool = False) -> None:
         """Swap in the stage's network (fresh weights and alphas); then rebuild the optimizers if asked."""
         cls, kwargs = self.blueprint
-        network = cls(**{**kwargs, 'num_cells': self.strategy.stage_cells[stage],
-                         'operations': self.stage_operations})
+        kwargs = {**kwargs, 'num_cells': self.strategy.stage_cells[stage]}
+        if prunes_by_constructor(kwargs):
+            kwargs['operations'] = self.stage_operations
+        else:
+            self.strategy.cell_operations = self.stage_operations
+        network = cls(**kwargs)
         self.strategy.mutate_model(network)
         reference = next(self.training_module.parameters())
         self.set_model(network.to(reference.device))
@@ -198,10 +222,12 @@ class PDartsLightning(VariantLightningModule):
             self.build_stage(state['stage'], optimizers=True)
         super().on_load_checkpoint(checkpoint)
 
-    def discretize(self, weights: EdgeWeights, cell: DartsCell | None = None) -> dict[int, list[tuple[str, int]]]:
+    def discretize(self, weights: EdgeWeights, cell: DartsCell | MixedCell | None = None
+                   ) -> dict[int, list[tuple[str, int]]]:
         """The DARTS rule; in the normal cell at most ``max_skip_connect`` skip-connects."""
         normal = cell is not None and cell.label == 'normal'
-        return limit_skip_connections(weights, self.strategy.max_skip_connect if normal else None)
+        return limit_skip_connections(weights, self.strategy.max_skip_connect if normal else None,
+                                      getattr(cell, 'num_ops_per_node', 2))
 
 
 @register_strategy
@@ -216,8 +242,11 @@ class PDarts(DartsVariant):
     evaluator's ``configure_optimizers`` is run again, so a scheduler sized to ``epochs_per_stage`` reproduces the
     official per-stage cosine) with alphas frozen for its first ``stage_warmup_epochs``; after it, every cell edge
     keeps its ``num_to_keep`` strongest operations (softmax of alpha). The model space is rebuilt through its class
-    with the recorded constructor arguments, ``num_cells`` and a per-edge ``operations`` mapping (as
-    :class:`~search_spaces.DartsSpace` accepts). The export is a sample of the original space from the last stage:
+    with the recorded constructor arguments and ``num_cells``; the surviving operations go to its ``operations``
+    argument (a per-edge mapping, as :class:`~search_spaces.DartsSpace` accepts) or, for a space of NNI ``Cell``
+    (hub ``DARTS``, ``NASNet``, ``ENAS``, ``AmoebaNet``, ``PNAS``, whose ``num_cells`` counts every cell, reduction
+    cells included, as ``stage_cells`` does), to the supernet's cell edges at mutation. Other spaces are refused
+    at :meth:`mutate_model` (:meth:`check_space`). The export is a sample of the original space from the last stage:
     the DARTS rule (``none`` excluded) and, in the normal cell only, at most ``max_skip_connect`` skip-connects.
 
     Parameters
@@ -266,11 +295,33 @@ class PDarts(DartsVariant):
         super().__init__(arc_learning_rate=arc_learning_rate, arc_gradient_clip_val=arc_gradient_clip_val, **kwargs)
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
+        #: ``{edge label: operations}`` kept on the NNI cell edges by the next mutation (``None``: all).
+        self.cell_operations: dict[str, list[str]] | None = None
+
+    @classmethod
+    def check_space(cls, space: nn.Module) -> None:
+        """Raise ``TypeError`` (one line: the construct and what to use) when P-DARTS cannot rebuild ``space`` per
+        stage: it needs a ``num_cells`` argument of one number, and an ``operations`` argument or NNI ``Cell``
+        modules whose edges it prunes. Builds nothing, so a config can be checked when it resolves."""
+        _, kwargs = space_blueprint(space)
+        if not prunes_by_constructor(kwargs) and not any(isinstance(m, (Cell, MixedCell)) for m in space.modules()):
+            raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
+                            f'{type(space).__name__} has no NNI Cell and takes no `operations` argument to prune; '
+                            f'{_REBUILDABLE}')
 
     def mutate_model(self, model: Any) -> Any:
-        """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations."""
-        space_blueprint(model)
-        return super().mutate_model(model)
+        """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations.
+
+        :attr:`cell_operations` applies to this one mutation only (a stage's network), then it is cleared."""
+        self.check_space(model)
+        try:
+            return super().mutate_model(model)
+        finally:
+            self.cell_operations = None
+
+    def mutate_kwargs(self) -> dict[str, Any]:
+        """The operations the current stage keeps on NNI cell edges (none before the first pruning)."""
+        return {CELL_OPERATIONS_KEY: self.cell_operations} if self.cell_operations else {}
 
     def schedule_epochs(self, max_epochs: int) -> int:
         """Each stage restarts the weight schedule (fresh optimizers), over one stage's epochs, as the official code."""

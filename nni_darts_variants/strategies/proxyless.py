@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..registry import register_strategy
 from .base import DartsVariant, MixedEdge, MixedInput, VariantLightningModule, first_per_label
+from .nni_spaces import InputSampler
 
 __all__ = ['ProxylessNAS', 'ProxylessEdge', 'ProxylessInput', 'ProxylessLightning', 'gate_to_alpha_gradient', 'rescale_sampled_alphas',
            'GRAD_BINARY_MODES', 'ZERO_OPS']
@@ -131,17 +132,18 @@ class ProxylessEdge(MixedEdge):
                    grad_binary_mode=mutate_kwargs.get('grad_binary_mode', 'two'))
 
 
-class ProxylessInput(MixedInput):
-    """ProxylessNAS on a free ``InputChoice``: ``n_chosen`` inputs sampled from ``softmax(alpha)`` without replacement.
+class ProxylessInput(InputSampler, MixedInput):
+    """ProxylessNAS on an input choice: ``n_chosen`` inputs sampled from ``softmax(alpha)`` without replacement.
 
-    Weight phase: only the sampled inputs enter the output. Arch phase: every candidate input is already computed, so
-    the binary-gate gradient over all of them is exact and free: the output adds
-    ``sum_j (p_j - p_j.detach()) * x_j.detach()`` (zero in value), whose gradient is
-    ``dL/dalpha_i = sum_j <dL/dout, x_j> p_j (delta_ij - p_i)`` (no rescaling needed).
+    Weight phase: only the sampled inputs enter the output. Arch phase: the output adds
+    ``sum_j (p_j - p_j.detach()) * x_j.detach()`` over every candidate input (zero in value), whose gradient is the
+    binary-gate gradient ``dL/dalpha_i = sum_j <dL/dout, x_j> p_j (delta_ij - p_i)`` (no rescaling needed). A free
+    ``InputChoice`` receives every input computed anyway; as a node of an NNI ``Cell`` it runs only the sampled
+    incoming edges in the weight phase, and in the arch phase the others too, without graph
+    (:meth:`probes_unchosen`), just for ``x_j`` in that gradient.
     """
 
     phase = 'weight'
-    chosen: list[int] | None = None
 
     def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
         if self.label in memo:
@@ -151,14 +153,17 @@ class ProxylessInput(MixedInput):
         self.chosen = sorted(torch.multinomial(probs, self.n_chosen or 1, replacement=False).tolist())
         return {self.label: list(self.chosen)}
 
+    def probes_unchosen(self) -> bool:
+        """In the arch phase: the binary-gate gradient needs every input's value."""
+        return self.phase == 'arch' and self._arch_alpha.requires_grad
+
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        if self.chosen is None:
-            self.resample({})
-        out = sum(inputs[j] for j in self.chosen)
-        if self.phase == 'arch' and self._arch_alpha.requires_grad:
+        chosen = self.sampled_inputs()
+        out = sum(inputs[j] for j in chosen)
+        if self.probes_unchosen():
             probs = F.softmax(self._arch_alpha, -1)
             out = out + sum((p - p.detach()) * x.detach() for p, x in zip(probs, inputs))
-        return out / len(self.chosen) if self.reduction == 'mean' else out
+        return out / len(chosen) if self.reduction == 'mean' else out
 
 
 def unique_edges(modules: Iterable[nn.Module]) -> list[ProxylessEdge]:
@@ -243,7 +248,11 @@ class ProxylessNAS(DartsVariant):
     ``dL/dg_k = sum(o_k * grad_out)``; the alpha gradient then spans all N paths (no rescaling). An edge whose
     active path is zero (``none``/``zero``) gets no alpha update that step. All cells of a type share one sample.
 
-    Export: argmax of alpha (the DARTS rule inside cells), never a sample (NNI's built-in ``Proxyless`` samples).
+    Export: argmax of alpha (the DARTS rule inside our cells), never a sample (NNI's built-in ``Proxyless`` samples).
+
+    On an NNI ``Cell`` each node also samples ``num_ops_per_node`` of its incoming edges from its own alpha, with the
+    binary-gate gradient (:class:`ProxylessInput`); only the sampled edges run in the weight step. The export takes
+    each node's strongest inputs by that alpha, each with its edge's argmax operation (never ``none``).
 
     Hardware cost: ``cost={metric: latency, target_ms: ..., form: mul#log}`` (or FLOPs) adds the official
     ``mul#log`` / ``add#linear`` loss on the expected cost (:mod:`nni_darts_variants.cost`); NNI's
@@ -274,6 +283,7 @@ class ProxylessNAS(DartsVariant):
 
     edge_class: ClassVar[type[MixedEdge]] = ProxylessEdge
     input_class = ProxylessInput
+    cell_node_class = ProxylessInput
     mixed_op_policy = None
     darts_fallback_for = ('repeat depth',)
     module_class = ProxylessLightning
