@@ -181,14 +181,11 @@ def run_trial(config_path: str, overrides: Sequence[str] = (), output: str | Non
 
 
 def _configure_logging(verbose: bool) -> None:
-    """:func:`~nni_darts_variants.logs.configure_logging` (quiet NNI and Lightning unless ``verbose``), with this
-    package's lines on stdout, timestamped: NNI copies a trial's stdout into ``trial.log``."""
+    """:func:`~nni_darts_variants.logs.configure_logging`: quiet NNI and Lightning unless ``verbose``. Inside an
+    NNI trial, NNI's own root handler writes this package's lines into ``trial.log`` (once; the package's stderr
+    handler goes to the trial's ``stderr`` file); run by hand, they appear on stderr."""
     from .logs import configure_logging
     configure_logging(verbose=verbose)
-    for handler in logging.getLogger('nni_darts_variants').handlers:
-        if getattr(handler, '_nni_darts', False) and isinstance(handler, logging.StreamHandler):
-            handler.setStream(sys.stdout)
-            handler.setFormatter(logging.Formatter('[%(asctime)s] %(levelname)s %(message)s'))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,16 +154,19 @@ def test_trial_terminal_is_quiet_and_verbose_brings_nni_back(capsys):
     import logging
     from nni_darts_variants.trial import _configure_logging
     _configure_logging(verbose=False)
+    for handler in logging.getLogger('nni_darts_variants').handlers:  # made by an earlier test: onto capsys' stderr
+        if getattr(handler, '_nni_darts', False):
+            handler.setStream(sys.stderr)
     assert logging.getLogger('nni').level == logging.WARNING
     logging.getLogger('nni.nas.experiment.config.experiment').warning(
         '`training_service` will be ignored for sequential execution engine')
     logging.getLogger('nni_darts_variants.trial').info('our line')
-    out = capsys.readouterr().out
-    assert 'our line' in out and 'training_service' not in out
+    err = capsys.readouterr().err
+    assert 'our line' in err and 'training_service' not in err
     _configure_logging(verbose=True)
     assert logging.getLogger('nni').level == logging.INFO
     _configure_logging(verbose=False)
-    for handler in logging.getLogger('nni_darts_variants').handlers:  # off the captured stdout that pytest closes
+    for handler in logging.getLogger('nni_darts_variants').handlers:  # off the captured stderr that pytest closes
         if getattr(handler, '_nni_darts', False):
             handler.setStream(sys.__stderr__)
 

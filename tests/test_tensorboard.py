@@ -94,3 +94,16 @@ def test_a_search_inside_an_nni_trial_logs_to_its_tensorboard_folder(tmp_path, m
     assert [e.step for e in events.Images('alphas/normal')] == [0, 1]
     assert _texts(events)[-1] == (1, f'epoch 1: `{result.genotype}`')
     assert list((tmp_path / 'trial' / 'search' / 'metrics').glob('version_*/metrics.csv'))  # CSV as well
+
+
+def test_nni_web_ui_folder_links_to_the_trials_tensorboard(tmp_path, monkeypatch):
+    """NNI 3.0's local training service: NNI_OUTPUT_DIR is environments/local-env/trials/<id>, the TensorBoard
+    button opens trials/<id>/output/tensorboard."""
+    trial = tmp_path / 'exp' / 'environments' / 'local-env' / 'trials' / 'AbCdE'
+    monkeypatch.setenv('NNI_OUTPUT_DIR', str(trial))
+    monkeypatch.setenv('NNI_TRIAL_JOB_ID', 'AbCdE')
+    make_loggers({'train': {'logger': 'tensorboard'}}, trial / 'search')
+    button = tmp_path / 'exp' / 'trials' / 'AbCdE' / 'output' / 'tensorboard'
+    assert button.is_symlink() and button.resolve() == (trial / 'tensorboard').resolve()
+    make_loggers({'train': {'logger': 'tensorboard'}}, trial / 'search')  # a resumed trial: the link stays
+    assert button.resolve() == (trial / 'tensorboard').resolve()

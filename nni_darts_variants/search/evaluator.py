@@ -76,8 +76,30 @@ def make_loggers(cfg: dict[str, Any], run_dir: Path) -> list[Any]:
     (``version_N`` likewise; the per-epoch monitor adds the weight heatmaps and the genotype there)."""
     loggers: list[Any] = [pl.loggers.CSVLogger(str(run_dir), name='metrics')]
     if cfg['train'].get('logger') == 'tensorboard':
-        loggers.append(pl.loggers.TensorBoardLogger(str(tensorboard_dir(run_dir)), name='', default_hp_metric=False))
+        folder = tensorboard_dir(run_dir)
+        loggers.append(pl.loggers.TensorBoardLogger(str(folder), name='', default_hp_metric=False))
+        _link_for_the_web_ui(folder)
     return loggers
+
+
+def _link_for_the_web_ui(folder: Path) -> None:
+    """NNI 3.0's local training service gives a trial ``NNI_OUTPUT_DIR=<experiment>/environments/local-env/trials/
+    <trial>``, but its TensorBoard button opens ``<experiment>/trials/<trial>/output/tensorboard`` and never copies
+    anything there: link that folder to ours (when the layout is that one and the folder is not there yet)."""
+    nni_output, trial = os.environ.get('NNI_OUTPUT_DIR'), os.environ.get('NNI_TRIAL_JOB_ID')
+    if not nni_output or not trial or folder != Path(nni_output) / 'tensorboard':
+        return
+    trial_dir = Path(nni_output).resolve()
+    if trial_dir.name != trial or len(trial_dir.parents) < 4 or trial_dir.parents[2].name != 'environments':
+        return
+    target = trial_dir.parents[3] / 'trials' / trial / 'output' / 'tensorboard'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not target.exists() and not target.is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(folder.resolve(), target_is_directory=True)
+    except OSError:  # the events are still in NNI_OUTPUT_DIR/tensorboard
+        pass
 
 
 def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list,
