@@ -20,7 +20,8 @@ from .genotype import CELL_TYPES, Genotype
 from .atomic import atomic_write_json, atomic_write_text
 from .config import recipe_names
 from .counting import count_parameters
-from .figures import draw_cell, draw_heatmap, draw_history
+from .figures import (beta_labels, draw_betas, draw_blocks, draw_cell, draw_curves, draw_genotypes, draw_heatmap,
+                      draw_history, draw_skip_counts, write_cell_graph)
 
 __all__ = ['write_bundle', 'count_parameters', 'count_multiply_adds', 'network_stats', 'op_choices',
            'final_probabilities', 'draw_cell', 'draw_heatmap', 'draw_history', 'retrain_command', 'BUNDLE_DIR',
@@ -114,22 +115,40 @@ def retrain_command(run_dir: str | Path, strategy: str, dataset: str, genotype: 
 
 def _figures(out: Path, genotype: Genotype | None, probs: dict[str, dict[str, float]],
              history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
-    jobs: list[tuple[str, Callable[[Path], None]]] = []
+    """Draw every figure that the data allows; the names of the files written, and what failed."""
+    jobs: dict[str, Callable[[], Any]] = {}
     if genotype is not None:
         for cell in CELL_TYPES:
-            jobs.append((f'cell_{cell}.png', lambda p, c=cell: draw_cell(
-                getattr(genotype, c), getattr(genotype, f'{c}_concat'), f'{c} cell', p)))
+            jobs[f'cell_{cell}.png'] = lambda c=cell: write_cell_graph(
+                getattr(genotype, c), getattr(genotype, f'{c}_concat'), f'{c} cell', out / f'cell_{c}')
     groups: dict[str, dict[str, dict[str, float]]] = {}
     for label, p in probs.items():
         groups.setdefault(_group(label), {})[label] = p
     for group, members in groups.items():
-        jobs.append((f'weights_{group}.png', lambda p, g=group, m=members: draw_heatmap(
-            m, f'final architecture weights: {g}', p)))
+        jobs[f'weights_{group}.png'] = lambda g=group, m=members: draw_heatmap(
+            m, f'final architecture weights: {g}', out / f'weights_{g}.png')
         if history:
-            jobs.append((f'history_{group}.png', lambda p, g=group, m=members: draw_history(
-                history, list(m), f'architecture weights per epoch: {g}', p)))
-    written, errors = _run_guarded({name: lambda d=draw, n=name: d(out / n) for name, draw in jobs})
-    return list(written), errors
+            jobs[f'history_{group}.png'] = lambda g=group, m=members: draw_history(
+                history, list(m), f'architecture weights per epoch: {g}', out / f'history_{g}.png')
+    if genotype is None and 'choices' in groups:  # a chain of blocks (the ProxylessNAS space): what was chosen
+        jobs['blocks.png'] = lambda: draw_blocks(groups['choices'], out / 'blocks.png',
+                                                 'chosen operation of each block')
+    if any('supernet_val_acc' in h for h in history):
+        jobs['curves.png'] = lambda: draw_curves(history, out / 'curves.png')
+    betas: dict[str, list[str]] = {}
+    for label in beta_labels(history):
+        betas.setdefault(_group(label), []).append(label)
+    for group, labels in betas.items():
+        jobs[f'betas_{group}.png'] = lambda g=group, m=labels: draw_betas(
+            history, m, f'edge normalization softmax(beta) per epoch: {g}', out / f'betas_{g}.png')
+    if any(h.get('genotype') for h in history):
+        jobs['skip_connect.png'] = lambda: draw_skip_counts(history, out / 'skip_connect.png')
+        jobs['genotypes.png'] = lambda: draw_genotypes(history, out / 'genotypes.png')
+    results, errors = _run_guarded(jobs)
+    written = []
+    for name, result in results.items():
+        written += [path.name for path in result] if isinstance(result, list) else [name]
+    return written, errors
 
 
 def _stats(space: Any, sample: Mapping[str, Any], genotype: Genotype | None,
@@ -174,17 +193,28 @@ def _readme(summary: Mapping[str, Any]) -> str:
 
 
 def _describe_figure(name: str) -> str:
-    kind, _, rest = name[:-4].partition('_')
-    return {'cell': f'the searched {rest} cell as a graph, edges labelled with their operation',
-            'weights': f'heatmap of the final architecture weights (softmax per choice) of {rest}',
-            'history': f'architecture weights of {rest} per epoch'}[kind]
+    stem, _, suffix = name.rpartition('.')
+    kind, _, rest = stem.partition('_')
+    if kind == 'cell':
+        return {'png': f'the searched {rest} cell as a graph, edges labelled with their operation',
+                'dot': f'the {rest} cell as graphviz source (dot -Tpdf renders it)',
+                'svg': f'the {rest} cell as a graph (vector)', 'pdf': f'the {rest} cell as a graph (vector)'}[suffix]
+    return {'weights': f'heatmap of the final architecture weights (softmax per choice) of {rest}',
+            'history': f'architecture weights of {rest} per epoch',
+            'betas': f"PC-DARTS' edge normalization softmax(beta) of the {rest} cell per epoch",
+            'curves': 'supernet accuracy and loss per epoch',
+            'skip': 'number of skip_connect edges in the derived cells per epoch (the collapse diagnostic)',
+            'genotypes': 'the derived cells per epoch, as tables',
+            'blocks': 'the chosen operation of each block and its probability'}[kind]
 
 
 def write_bundle(run_dir: str | Path, *, genotype: Genotype | None, sample: Mapping[str, Any],
                  alpha_history: Sequence[Mapping[str, Any]] | str | Path, final_alphas: Mapping[str, Any],
                  space_factory: Callable[[], Any], data_info: Mapping[str, Any],
                  retrain_command: str | None) -> dict[str, Any]:
-    """Write ``run_dir/bundle/``: cell graphs, weight heatmaps and histories, ``summary.json`` and ``README.md``.
+    """Write ``run_dir/bundle/``: cell graphs (PNG, DOT, SVG, PDF), weight heatmaps and histories, the supernet
+    curves, PC-DARTS' betas, the skip count and the genotypes per epoch, a chain space's chosen blocks (each figure
+    where the data has it), ``summary.json`` and ``README.md``.
 
     Parameters
     ----------

@@ -11,9 +11,15 @@ run_search`), and
 
 * after every epoch, ``nni.report_intermediate_result`` gets ``{'default': supernet accuracy on the architecture
   half, 'epoch', 'epoch_seconds', 'train_loss', 'train_acc', 'arch_loss'}`` (the losses when logged);
-* at the end, ``nni.report_final_result`` gets ``{'default': the last epoch's supernet accuracy, 'genotype': the
-  found cell as text, 'search_seconds', ...}`` plus ``test_acc`` when the recipe retrains the cell
-  (``evaluate.epochs > 0``).
+* at the end, ``nni.report_final_result`` gets ``{'default': ..., 'supernet_val_acc': the last epoch's supernet
+  accuracy, 'genotype': the found cell as text, 'search_seconds', ...}``. ``default``, what NNI's web UI ranks the
+  trials by, is the retrained test accuracy ``test_acc`` when the recipe retrains the cell (``evaluate.epochs >
+  0``), the table's CIFAR-10 test accuracy on NAS-Bench-201, and otherwise the supernet accuracy.
+
+The terminal (``trial.log``) shows this package's lines; NNI's and Lightning's known-harmless warnings are dropped
+unless ``--verbose`` (:func:`~nni_darts_variants.logs.configure_logging`). With ``train.logger: tensorboard`` the
+search writes its TensorBoard events to ``$NNI_OUTPUT_DIR/tensorboard``, which the web UI's TensorBoard button
+opens.
 
 The run folder (genotype.json, sample.json, alphas, metrics) is ``$NNI_OUTPUT_DIR/search`` inside an NNI trial,
 or ``--output`` / the recipe's ``output.dir`` / ``runs/...`` outside one. A search that fails raises, so the trial
@@ -29,7 +35,6 @@ import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='override a recipe value before the tuner parameters are applied')
     parser.add_argument('--output', '-o', help='run folder (default: $NNI_OUTPUT_DIR/search inside an NNI trial)')
+    parser.add_argument('--verbose', '-v', action='store_true', help="keep NNI's and Lightning's log lines")
     return parser
 
 
@@ -116,23 +122,28 @@ class NniReporter:
 
 
 def final_metrics(result: Any) -> dict[str, Any]:
-    """The final NNI metric of a finished search: last supernet accuracy, the genotype (or sample) as text.
+    """The final NNI metric of a finished search: ``default`` (what the web UI ranks by), the last supernet accuracy
+    as ``supernet_val_acc``, the genotype (or sample) as text.
 
-    On NAS-Bench-201 (``metrics['nb201']`` holds a table accuracy) ``default`` is that accuracy instead, and the
-    supernet accuracy is reported as ``supernet_val_acc``.
+    ``default`` is the retrained test accuracy when the search retrained the cell (``metrics['evaluate']``,
+    ``evaluate.epochs > 0``); on NAS-Bench-201 (``metrics['nb201']`` holds a table accuracy) it is that accuracy;
+    otherwise the supernet accuracy.
     """
     metrics = result.metrics
     accuracy = _number(metrics.get('supernet_val_acc'))
     architecture = str(result.genotype) if result.genotype is not None else json.dumps(result.sample, sort_keys=True)
-    final: dict[str, Any] = {'default': accuracy if accuracy is not None else 0.0, 'genotype': architecture,
-                             'search_seconds': metrics.get('search_seconds'), 'run_dir': str(result.run_dir)}
+    final: dict[str, Any] = {'default': accuracy if accuracy is not None else 0.0, 'supernet_val_acc': accuracy,
+                             'genotype': architecture, 'search_seconds': metrics.get('search_seconds'),
+                             'run_dir': str(result.run_dir)}
     evaluation = metrics.get('evaluate') or {}
     for key in ('test_acc', 'params'):
         if key in evaluation:
             final[key] = evaluation[key]
+    if _number(evaluation.get('test_acc')) is not None:  # the cell trained from scratch: what the user wants ranked
+        final['default'] = _number(evaluation['test_acc'])
     nb201 = metrics.get('nb201') or {}
     if nb201.get('cifar10_test') is not None:  # NAS-Bench-201: the web UI ranks the trials by the table accuracy
-        final.update(default=nb201['cifar10_test'], supernet_val_acc=accuracy, nb201_arch=nb201['arch'])
+        final.update(default=nb201['cifar10_test'], nb201_arch=nb201['arch'])
     return final
 
 
@@ -169,20 +180,17 @@ def run_trial(config_path: str, overrides: Sequence[str] = (), output: str | Non
     return final
 
 
-def _log_to_stdout() -> None:
-    """This package's log lines on stdout (NNI's own loggers already print there; the root logger is left alone)."""
-    package = logging.getLogger('nni_darts_variants')
-    if not package.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter('[%(asctime)s] %(levelname)s %(name)s: %(message)s'))
-        package.addHandler(handler)
-    package.setLevel(logging.INFO)
+def _configure_logging(verbose: bool) -> None:
+    """:func:`~nni_darts_variants.logs.configure_logging`: quiet NNI and Lightning unless ``verbose``. Inside an
+    NNI trial, NNI's own root handler writes this package's lines into ``trial.log`` (once; the package's stderr
+    handler goes to the trial's ``stderr`` file); run by hand, they appear on stderr."""
+    from .logs import configure_logging
+    configure_logging(verbose=verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _log_to_stdout()
-    warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
+    _configure_logging(args.verbose)
     from .search.interrupt import SearchInterrupted
     try:
         run_trial(args.config, args.overrides, args.output)

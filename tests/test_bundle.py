@@ -146,6 +146,7 @@ def test_space_without_cells_gets_block_figures_and_no_retrain_command(tmp_path)
     out = tmp_path / 'bundle'
     assert (out / 'weights_choices.png').read_bytes()[:8] == PNG
     assert (out / 'history_choices.png').read_bytes()[:8] == PNG
+    assert (out / 'blocks.png').read_bytes()[:8] == PNG and 'blocks.png' in summary['files']
     assert not list(out.glob('cell_*.png')) and 'retrain_network' not in summary['networks']
     assert summary['retrain_command'] is None and 'does not apply' in (out / 'README.md').read_text()
     assert len(summary['final_probs']) == 21
@@ -167,6 +168,9 @@ def test_search_runner_writes_the_bundle(tmp_path):
     run_search(config, output=tmp_path / 'run')
     summary = json.loads((tmp_path / 'run' / 'bundle' / 'summary.json').read_text())
     assert summary['epochs'] == 1 and summary['errors'] == []
+    for name in ('cell_normal.png', 'cell_normal.dot', 'cell_normal.svg', 'cell_normal.pdf', 'curves.png',
+                 'skip_connect.png', 'genotypes.png'):
+        assert (tmp_path / 'run' / 'bundle' / name).stat().st_size > 0 and name in summary['files'], name
     assert summary['retrain_command'].startswith(f'nni-darts retrain {tmp_path / "run"} experiments/retrain/darts-')
     assert summary['sample'] == json.loads((tmp_path / 'run' / 'sample.json').read_text())
 

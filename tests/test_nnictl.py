@@ -98,7 +98,7 @@ def test_trial_reports_every_epoch_and_the_final_result(channel, tmp_path):
     assert [e['epoch'] for e in epochs] == [0, 1]
     assert all(0 <= e['default'] <= 1 and e['epoch_seconds'] > 0 for e in epochs)
     final = recorder.metrics[-1]['value']
-    assert final['default'] == epochs[-1]['default']
+    assert final['default'] == epochs[-1]['default'] == final['supernet_val_acc']  # no retraining in this recipe
     assert final['genotype'].startswith('normal:') and 'reduce:' in final['genotype']
     run_dir = Path(final['run_dir'])
     assert run_dir == tmp_path / 'nni-output' / 'search'  # conftest points NNI_OUTPUT_DIR there
@@ -132,6 +132,43 @@ def test_interrupted_trial_resumes_where_it_stopped(channel, tmp_path):
     assert [m['type'] for m in recorder.metrics] == ['PERIODICAL', 'FINAL']
     assert recorder.metrics[0]['value']['epoch'] == 1
     assert [h['epoch'] for h in json.loads((run_dir / 'alpha_history.json').read_text())] == [0, 1]
+
+
+def test_final_default_metric_is_the_retrained_accuracy_then_the_table_then_the_supernet():
+    from types import SimpleNamespace
+    from nni_darts_variants.trial import final_metrics
+
+    def final(**metrics):
+        return final_metrics(SimpleNamespace(metrics={'supernet_val_acc': 0.25, 'search_seconds': 3.0, **metrics},
+                                             genotype=None, sample={'a': 1}, run_dir='run'))
+    plain = final()
+    assert plain['default'] == 0.25 and plain['supernet_val_acc'] == 0.25 and 'test_acc' not in plain
+    retrained = final(evaluate={'test_acc': 0.875, 'test_loss': 0.4, 'params': 1234})
+    assert (retrained['default'], retrained['supernet_val_acc'], retrained['test_acc'], retrained['params']) == \
+        (0.875, 0.25, 0.875, 1234)
+    table = final(evaluate={'test_acc': 0.875}, nb201={'cifar10_test': 93.5, 'arch': '|nor_conv_3x3~0|'})
+    assert (table['default'], table['test_acc'], table['supernet_val_acc']) == (93.5, 0.875, 0.25)
+
+
+def test_trial_terminal_is_quiet_and_verbose_brings_nni_back(capsys):
+    import logging
+    from nni_darts_variants.trial import _configure_logging
+    _configure_logging(verbose=False)
+    for handler in logging.getLogger('nni_darts_variants').handlers:  # made by an earlier test: onto capsys' stderr
+        if getattr(handler, '_nni_darts', False):
+            handler.setStream(sys.stderr)
+    assert logging.getLogger('nni').level == logging.WARNING
+    logging.getLogger('nni.nas.experiment.config.experiment').warning(
+        '`training_service` will be ignored for sequential execution engine')
+    logging.getLogger('nni_darts_variants.trial').info('our line')
+    err = capsys.readouterr().err
+    assert 'our line' in err and 'training_service' not in err
+    _configure_logging(verbose=True)
+    assert logging.getLogger('nni').level == logging.INFO
+    _configure_logging(verbose=False)
+    for handler in logging.getLogger('nni_darts_variants').handlers:  # off the captured stderr that pytest closes
+        if getattr(handler, '_nni_darts', False):
+            handler.setStream(sys.__stderr__)
 
 
 def test_trial_fails_on_a_bad_parameter(channel):
@@ -274,7 +311,9 @@ def test_nnictl_runs_a_search_and_reports_metrics(tmp_path):
     final = [_metric(m) for m in metrics if m['type'] == 'FINAL']
     assert [m['epoch'] for m in intermediate] == [0, 1]
     assert all(0 <= m['default'] <= 1 for m in intermediate)
-    assert len(final) == 1 and final[0]['default'] == intermediate[-1]['default']
+    # The smoke experiments retrain the cell (--set evaluate.epochs=2): the web UI ranks by its test accuracy.
+    assert len(final) == 1 and final[0]['supernet_val_acc'] == intermediate[-1]['default']
+    assert 0 <= final[0]['test_acc'] <= 1 and final[0]['default'] == final[0]['test_acc']
     assert final[0]['genotype'].startswith('normal:')
     run_dir = Path(final[0]['run_dir'])
     assert '/home/nni-experiments/' in str(run_dir) and run_dir.is_relative_to(tmp_path)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from ..distributed import world_size
 from .rundir import write_json
 
-__all__ = ['arch_state', 'SearchMonitor', 'ChannelsLast', 'DivergenceError', 'DivergenceGuard', 'RandomState']
+__all__ = ['arch_state', 'SearchMonitor', 'tensorboard_epoch', 'ChannelsLast', 'DivergenceError', 'DivergenceGuard', 'RandomState']
 
 _logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def arch_state(oneshot_module: Any) -> dict[str, list]:
 class SearchMonitor(pl.Callback):
     """Per epoch: supernet accuracy on (part of) the architecture half, alphas and their probabilities.
 
-    Writes ``alpha_history.json`` after every epoch, and calls each ``listeners(epoch, metrics)`` (the ``nnictl``
+    Writes ``alpha_history.json`` after every epoch, the heatmaps and genotype to TensorBoard when the trainer has
+    a TensorBoard logger (:func:`tensorboard_epoch`), and calls each ``listeners(epoch, metrics)`` (the ``nnictl``
     trial reporter is one).
     """
 
@@ -87,9 +88,37 @@ class SearchMonitor(pl.Callback):
                              'probs': pl_module.export_probs(),
                              'genotype': genotype.to_dict() if genotype is not None else None})
         write_json(self.run_dir / 'alpha_history.json', self.history)
+        tensorboard_epoch(trainer, self.history[-1])
         _logger.info('epoch %d: supernet accuracy %.4f (%.1f s)', trainer.current_epoch, acc, seconds)
         for listener in self.listeners:
             listener(trainer.current_epoch, {**metrics, 'genotype': genotype})
+
+
+def tensorboard_epoch(trainer: Any, entry: dict[str, Any]) -> None:
+    """Into each TensorBoard logger of ``trainer`` (``train.logger: tensorboard``): one epoch's weight heatmaps as
+    images (``alphas/<cell or group>``) and the derived genotype as text (``genotype``), at step = epoch. The
+    scalars reach it through Lightning's ``log``."""
+    writers = [logger.experiment for logger in trainer.loggers if isinstance(logger, pl.loggers.TensorBoardLogger)]
+    if not writers or not trainer.is_global_zero:
+        return
+    from ..figures import figure_to_array, heatmap_figure
+    epoch = int(entry['epoch'])
+    groups: dict[str, dict[str, Any]] = {}
+    for label, probs in entry.get('probs', {}).items():
+        groups.setdefault(label.split('/')[0] if '/' in label else 'choices', {})[label] = probs
+    images = {group: figure_to_array(heatmap_figure(members, f'architecture weights, epoch {epoch}: {group}', dpi=90))
+              for group, members in groups.items()}
+    genotype = entry.get('genotype')
+    if genotype is not None:
+        from ..genotype import Genotype
+        text = str(Genotype.from_dict(genotype))
+    else:  # no DARTS cells: the most likely candidate of each choice
+        text = ', '.join(f'{label}: {max(p, key=p.get)}' for label, p in entry.get('probs', {}).items() if p)
+    for writer in writers:
+        for group, image in images.items():
+            writer.add_image(f'alphas/{group}', image, epoch, dataformats='HWC')
+        writer.add_text('genotype', f'epoch {epoch}: `{text}`', epoch)
+        writer.flush()
 
 
 class ChannelsLast(pl.Callback):

@@ -11,7 +11,7 @@ from ..registry import check_strategy_arguments
 from ..speed import check_threads
 from ..strategies.base import DartsVariant
 
-__all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'resolve_config']
+__all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'LOGGERS', 'resolve_config']
 
 #: Every key a search config may have, with its default.
 SEARCH_SCHEMA: dict[str, Any] = {
@@ -24,11 +24,13 @@ SEARCH_SCHEMA: dict[str, Any] = {
     'train': {'max_epochs': 50, 'learning_rate': 0.025, 'learning_rate_min': 0.001, 'momentum': 0.9,
               'weight_decay': 3e-4, 'nesterov': False, 'accelerator': 'auto', 'devices': 1, 'precision': '32-true',
               'progress_bar': True, 'eval_batches': 50, 'strategy': 'auto', 'channels_last': False, 'num_nodes': 1,
-              'threads': None, 'compile': False, 'lr_warmup_epochs': 0},
+              'threads': None, 'compile': False, 'lr_warmup_epochs': 0, 'logger': 'csv'},
     'evaluate': {'epochs': 0, 'learning_rate': 0.05},
     'output': {'dir': None, 'overwrite': False, 'bundle': True},
 }
 OPEN_SECTIONS = ('strategy.args', 'space.args')
+#: Values of ``train.logger``: ``csv`` (the default, needs nothing extra) or ``tensorboard`` (CSV as well).
+LOGGERS = ('csv', 'tensorboard')
 
 
 def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -40,6 +42,11 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
         raise ConfigError(f'train.max_epochs must be >= 1, got {cfg["train"]["max_epochs"]}')
     if cfg['train']['num_nodes'] < 1:
         raise ConfigError(f'train.num_nodes must be >= 1, got {cfg["train"]["num_nodes"]}')
+    if cfg['train']['logger'] not in LOGGERS:
+        raise ConfigError(f'train.logger must be one of {", ".join(LOGGERS)}, got {cfg["train"]["logger"]!r}')
+    if cfg['train']['logger'] == 'tensorboard' and not _tensorboard_installed():
+        raise ConfigError("train.logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
+                          'or use train.logger=csv')
     _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train']['max_epochs'])
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay', 'lr_warmup_epochs'):
         if cfg['train'][key] < 0:
@@ -55,6 +62,11 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     if cfg['train']['learning_rate'] == 0:
         raise ConfigError('train.learning_rate must be positive, got 0')
     return cfg
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+    return any(importlib.util.find_spec(name) is not None for name in ('tensorboard', 'tensorboardX'))
 
 
 def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:

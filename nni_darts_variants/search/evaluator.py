@@ -3,6 +3,7 @@ the from-scratch evaluation of a found architecture (:func:`evaluate_sample`).""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from nni.nas.evaluator.pytorch.lightning import ClassificationModule
 from ..data import SearchData
 from ..distributed import lightning_strategy
 
-__all__ = ['SearchClassification', 'make_loggers', 'search_evaluator', 'evaluate_sample']
+__all__ = ['SearchClassification', 'make_loggers', 'tensorboard_dir', 'search_evaluator', 'evaluate_sample']
 
 
 @nni.trace
@@ -59,9 +60,46 @@ class SearchClassification(ClassificationModule):
         """Reporting belongs to the runner."""
 
 
+def tensorboard_dir(run_dir: Path) -> Path:
+    """Where a search's TensorBoard events go: ``$NNI_OUTPUT_DIR/tensorboard`` when the run folder lies inside
+    ``$NNI_OUTPUT_DIR`` (an ``nnictl`` trial: the folder NNI's web UI TensorBoard button opens), else
+    ``run_dir/tensorboard``."""
+    nni_output = os.environ.get('NNI_OUTPUT_DIR')
+    if nni_output and Path(run_dir).resolve().is_relative_to(Path(nni_output).resolve()):
+        return Path(nni_output) / 'tensorboard'
+    return Path(run_dir) / 'tensorboard'
+
+
 def make_loggers(cfg: dict[str, Any], run_dir: Path) -> list[Any]:
-    """The trainer's loggers: Lightning's CSV logger in ``run_dir/metrics/version_N`` (one version per session)."""
-    return [pl.loggers.CSVLogger(str(run_dir), name='metrics')]
+    """The trainer's loggers: Lightning's CSV logger in ``run_dir/metrics/version_N`` (one version per session),
+    and with ``train.logger: tensorboard`` also Lightning's TensorBoard logger in :func:`tensorboard_dir`
+    (``version_N`` likewise; the per-epoch monitor adds the weight heatmaps and the genotype there)."""
+    loggers: list[Any] = [pl.loggers.CSVLogger(str(run_dir), name='metrics')]
+    if cfg['train'].get('logger') == 'tensorboard':
+        folder = tensorboard_dir(run_dir)
+        loggers.append(pl.loggers.TensorBoardLogger(str(folder), name='', default_hp_metric=False))
+        _link_for_the_web_ui(folder)
+    return loggers
+
+
+def _link_for_the_web_ui(folder: Path) -> None:
+    """NNI 3.0's local training service gives a trial ``NNI_OUTPUT_DIR=<experiment>/environments/local-env/trials/
+    <trial>``, but its TensorBoard button opens ``<experiment>/trials/<trial>/output/tensorboard`` and never copies
+    anything there: link that folder to ours (when the layout is that one and the folder is not there yet)."""
+    nni_output, trial = os.environ.get('NNI_OUTPUT_DIR'), os.environ.get('NNI_TRIAL_JOB_ID')
+    if not nni_output or not trial or folder != Path(nni_output) / 'tensorboard':
+        return
+    trial_dir = Path(nni_output).resolve()
+    if trial_dir.name != trial or len(trial_dir.parents) < 4 or trial_dir.parents[2].name != 'environments':
+        return
+    target = trial_dir.parents[3] / 'trials' / trial / 'output' / 'tensorboard'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not target.exists() and not target.is_symlink():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(folder.resolve(), target_is_directory=True)
+    except OSError:  # the events are still in NNI_OUTPUT_DIR/tensorboard
+        pass
 
 
 def search_evaluator(cfg: dict[str, Any], data: SearchData, run_dir: Path, callbacks: list,
