@@ -395,3 +395,14 @@ def test_loop_alpha_gradient_only_on_the_pair_and_dropped_for_a_zero_active_path
             torch.testing.assert_close(torch.logsumexp(new[list(paths)], 0), torch.logsumexp(old[list(paths)], 0),
                                        rtol=1e-6, atol=1e-6)
     assert len(two_path_loop.updates) == 2 and seen['zero'] > 0 and seen['other'] > 0, seen
+
+
+def test_two_candidate_edge_samples_both_in_the_arch_step():
+    """Two-path mode needs only two candidates: an edge of exactly two gets both (active first), one in the weight
+    phase (``_sample`` on a stand-in edge: NNI builds a ``LayerChoice`` only inside a model space)."""
+    alpha = torch.zeros(2)
+    edge = types.SimpleNamespace(phase='arch', grad_binary_mode='two', alpha=alpha,
+                                 op_weights=lambda: F.softmax(alpha, -1))
+    assert sorted(ProxylessEdge._sample(edge)) == [0, 1]
+    edge.phase = 'weight'
+    assert len(ProxylessEdge._sample(edge)) == 1
