@@ -82,7 +82,7 @@ def _docstring(node: ast.AST) -> ast.AST | None:
 def mutation_points(func: ast.FunctionDef) -> list[tuple[str, callable]]:
     """``[(description, apply)]`` in a fixed walk order; ``apply()`` mutates the node it was found on, in place.
 
-    Operators: arithmetic, comparison and boolean swaps (:data:`_SWAP`), ``-x``/``not x`` -> ``x``, a number ``n`` ->
+    Operators: arithmetic, comparison and boolean swaps (:data:`_SWAP`), ``-x`` -> ``x``, ``not x`` -> ``not not x``, a number ``n`` ->
     ``n + 1``, ``True`` <-> ``False``, ``min``/``max`` and ``argmin``/``argmax`` swaps, and deleting one statement
     that is a call or an assignment to an attribute or a subscript (in-place effects).
     """
@@ -109,8 +109,7 @@ def mutation_points(func: ast.FunctionDef) -> list[tuple[str, callable]]:
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
             points.append((f'L{line} drop {type(node.op).__name__}',
                            lambda n=node: (setattr(n, 'op', ast.UAdd()) if isinstance(n.op, ast.USub)
-                                           else setattr(n, 'operand', ast.UnaryOp(ast.Not(), ast.UnaryOp(
-                                               ast.Not(), n.operand))))))
+                                           else setattr(n, 'operand', ast.UnaryOp(ast.Not(), n.operand)))))
         elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
             points.append((f'L{line} {node.value!r} -> {node.value + 1!r}',
                            lambda n=node: setattr(n, 'value', n.value + 1)))
