@@ -47,7 +47,7 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
     if cfg['train']['logger'] == 'tensorboard' and not _tensorboard_installed():
         raise ConfigError("train.logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
                           'or use train.logger=csv')
-    _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train']['max_epochs'])
+    _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train'])
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay', 'lr_warmup_epochs'):
         if cfg['train'][key] < 0:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
@@ -69,13 +69,13 @@ def _tensorboard_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ('tensorboard', 'tensorboardX'))
 
 
-def _check_strategy(name: str, args: dict[str, Any], max_epochs: int) -> None:
-    """Unknown arguments, bad values (by building the strategy: cheap, nothing is trained) and a ``max_epochs`` the
-    strategy cannot run are :class:`ConfigError` naming ``strategy.args``."""
+def _check_strategy(name: str, args: dict[str, Any], train: dict[str, Any]) -> None:
+    """Unknown arguments, bad values (by building the strategy: cheap, nothing is trained) and a ``train`` section
+    (``max_epochs``, optimizer) the strategy cannot run are :class:`ConfigError` naming ``strategy.args``."""
     try:
         strategy = check_strategy_arguments(name, args)(**args)
         if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
-            strategy.check_trainer(max_epochs, **args)
+            strategy.check_trainer(train['max_epochs'], train=train, **args)
     except (TypeError, ValueError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f'strategy.args: {message}') from None

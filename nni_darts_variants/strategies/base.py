@@ -747,9 +747,11 @@ class DartsVariant(DARTS):
         return None
 
     @classmethod
-    def check_trainer(cls, max_epochs: int | None, **strategy_args: Any) -> None:
+    def check_trainer(cls, max_epochs: int | None, *, train: dict[str, Any] | None = None,
+                      **strategy_args: Any) -> None:
         """Raise ``ValueError`` when a trainer of ``max_epochs`` cannot run the strategy built with
-        ``strategy_args``; nothing is built, so a config can be checked when it resolves."""
+        ``strategy_args``; nothing is built, so a config can be checked when it resolves. ``train`` is the config's
+        resolved ``train`` section (weight optimizer settings), when there is one."""
         required = cls.trainer_max_epochs(**strategy_args)
         if required is not None and max_epochs != required:
             raise ValueError(f'{cls.name or cls.__name__} with these arguments runs {required} epochs: set the '

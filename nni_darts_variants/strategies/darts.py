@@ -8,7 +8,7 @@ import torch
 from ..registry import register_strategy
 from .base import DartsVariant, VariantLightningModule, loss_of
 
-__all__ = ['Darts', 'DartsLightning', 'virtual_step', 'check_virtual_step']
+__all__ = ['Darts', 'DartsLightning', 'virtual_step', 'check_virtual_step', 'plain_sgd_problem']
 
 
 def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], optimizer: torch.optim.Optimizer,
@@ -35,13 +35,20 @@ def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], 
     return result
 
 
+def plain_sgd_problem(nesterov: Any, dampening: Any) -> str | None:
+    """Why :func:`virtual_step` cannot predict an SGD step with these settings (``None``: it can)."""
+    if nesterov or dampening:
+        return (f'second-order DARTS unrolls plain momentum SGD, but the weight optimizer has nesterov={nesterov}, '
+                f'dampening={dampening}: set train.nesterov: false (and dampening 0), or use order=1')
+    return None
+
+
 def check_virtual_step(optimizer: torch.optim.Optimizer) -> None:
     """Raise ``ValueError`` if :func:`virtual_step` cannot predict ``optimizer``'s step (Nesterov or dampened SGD)."""
     for group in optimizer.param_groups:
-        if group.get('nesterov') or group.get('dampening'):
-            raise ValueError(f"second-order DARTS unrolls plain momentum SGD, but the weight optimizer has "
-                             f"nesterov={group.get('nesterov')}, dampening={group.get('dampening')}: set "
-                             f"train.nesterov: false (and dampening 0), or use order=1")
+        problem = plain_sgd_problem(group.get('nesterov'), group.get('dampening'))
+        if problem:
+            raise ValueError(problem)
 
 
 class DartsLightning(VariantLightningModule):
@@ -135,7 +142,8 @@ class Darts(DartsVariant):
 
     First order uses ``grad_alpha L_val(w, alpha)``. Second order (``order=2``) unrolls one step of the weight
     optimizer (its momentum and weight decay included) and corrects with a finite-difference Hessian-vector product,
-    ``eps = 0.01 / |v|``, as the official ``architect.py``. The arch step runs before the weight step.
+    ``eps = 0.01 / |v|``, as the official ``architect.py``. The arch step runs before the weight step. The virtual
+    step is plain momentum SGD: second order with ``train.nesterov: true`` is refused when the config resolves.
 
     Parameters
     ----------
@@ -159,3 +167,14 @@ class Darts(DartsVariant):
         super().__init__(**kwargs)
         self.order = order
         self.unrolled_lr = unrolled_lr
+
+    @classmethod
+    def check_trainer(cls, max_epochs: int | None, *, train: dict[str, Any] | None = None,
+                      **strategy_args: Any) -> None:
+        """Also refuse second order with ``train.nesterov: true`` when the config resolves (the weight optimizer
+        itself is checked again at train start, for optimizers configured in code)."""
+        super().check_trainer(max_epochs, train=train, **strategy_args)
+        if train is not None and cls.resolved_arguments(**strategy_args).get('order') == 2:
+            problem = plain_sgd_problem(train.get('nesterov', False), train.get('dampening', 0))
+            if problem:
+                raise ValueError(problem)

@@ -361,6 +361,31 @@ def test_second_order_rejects_nesterov_or_dampened_sgd(option, supernet):
     check_virtual_step(torch.optim.SGD(module.weight_parameters(), lr=0.1, momentum=0.9))
 
 
+@pytest.mark.parametrize('name', ['darts', 'mergenas'])
+def test_second_order_with_nesterov_is_refused_when_the_config_resolves(name, tmp_path, capsys):
+    """Refused by ``resolve_config`` (the strategy's ``check_trainer`` sees the ``train`` section), so the CLI exits 2
+    with one line before any run folder exists; first order with Nesterov and second order without it resolve."""
+    import yaml
+
+    from nni_darts_variants.cli import main
+    from nni_darts_variants.config import ConfigError
+    from nni_darts_variants.search.config import resolve_config
+
+    def config(order: int, nesterov: bool) -> dict:
+        return {'strategy': {'name': name, 'args': {'order': order}}, 'train': {'nesterov': nesterov}}
+    with pytest.raises(ConfigError, match=r'^strategy\.args: second-order DARTS unrolls plain momentum SGD.*'
+                                          r'nesterov=True.*train\.nesterov: false.*order=1$'):
+        resolve_config(config(2, True))
+    resolve_config(config(1, True))
+    resolve_config(config(2, False))
+    path = tmp_path / 'c.yml'
+    path.write_text(yaml.safe_dump(config(2, True)))
+    assert main(['search', str(path), '-o', str(tmp_path / 'run')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('nni-darts search: error: strategy.args: second-order DARTS'), err
+    assert not (tmp_path / 'run').exists()
+
+
 def test_unused_input_choice_alphas_are_not_weights(supernet):
     """NNI's memo alpha of each ``InputChoice`` is unused by DARTS' plain-sum nodes: not in ``weight_parameters``
     (the SGD optimizer and the virtual step), not in the state dict; PC-DARTS' beta stays a parameter."""

@@ -192,6 +192,9 @@ def test_search_step_drops_adjusts_and_masks_adam(monkeypatch):
         torch.testing.assert_close(kept_share(after.double(), kept), kept_share(before.double(), kept),
                                    rtol=1e-5, atol=0)
     assert any(not torch.equal(a, b) for _, _, b, a, _ in probe.records), 'no alpha moved'
+    # the share adjustment shifts every kept alpha of an edge by one constant; only the Adam step moves them apart
+    assert any(int(kept.sum()) > 1 and float((a - b)[kept].max() - (a - b)[kept].min()) > 1e-7
+               for _, kept, b, a, _ in probe.records), 'the alpha optimizer never stepped'
     assert result.strategy.export_genotype() is not None
 
 
@@ -225,14 +228,20 @@ def test_two_weight_steps_per_batch_the_second_is_the_partial_decay(search_with)
     """The weight optimizer steps twice per batch: on the loss, then on the partial decay, whose gradient on every
     weight used in the batch is ``2 lambda_w w`` (official ``train_search.py``); a no-op decay step fails here."""
     import pytorch_lightning as pl
-    weight_decay = 3e-4
-    steps = []
+    weight_decay, alpha_decay = 3e-4, 1e-3
+    steps, arch_steps = [], []
 
     class Watch(pl.Callback):
         def on_train_start(self, trainer, module):
-            weights = module.weight_parameters()
+            weights, alphas = module.weight_parameters(), module.arch_parameters()
             for opt in trainer.optimizers:
-                if not getattr(opt, 'is_arch_optimizer', False):
+                if getattr(opt, 'is_arch_optimizer', False):
+                    def arch_step(*args, _step=opt.step, **kwargs):
+                        arch_steps.append(([None if a.grad is None else a.grad.clone() for a in alphas],
+                                           [a.detach().clone() for a in alphas]))
+                        return _step(*args, **kwargs)
+                    opt.step = arch_step
+                else:
                     def step(*args, _step=opt.step, **kwargs):
                         steps.append((trainer.global_step, [None if w.grad is None else w.grad.clone() for w in weights],
                                       [w.detach().clone() for w in weights]))
@@ -241,9 +250,14 @@ def test_two_weight_steps_per_batch_the_second_is_the_partial_decay(search_with)
                         return out
                     opt.step = step
 
-    search_with(DropNAS(drop_rate=0.3, weight_decay=weight_decay, gradient_clip_val=None), [Watch()],
-                loaders=tiny_loaders(n=16, batch_size=8))
+    search_with(DropNAS(drop_rate=0.3, weight_decay=weight_decay, alpha_decay=alpha_decay, gradient_clip_val=None,
+                        warmup_epochs=0), [Watch()], loaders=tiny_loaders(n=16, batch_size=8))
     assert len(steps) == 4  # 2 batches x (loss step, decay step)
+    assert len(arch_steps) == 4  # the alpha optimizer too: its decay step sees only 2 lambda_a alpha on used alphas
+    for (loss_grads, _), (decay_grads, before_decay) in (arch_steps[0:2], arch_steps[2:4]):
+        for g, d, a in zip(loss_grads, decay_grads, before_decay):
+            used = torch.zeros_like(a, dtype=torch.bool) if g is None else g.abs() > 1e-7
+            torch.testing.assert_close(torch.zeros_like(a) if d is None else d, 2 * alpha_decay * a * used)
     for (_, loss_grads, _, after_loss), (_, decay_grads, before_decay, after_decay) in (steps[0:2], steps[2:4]):
         used = [i for i, g in enumerate(loss_grads) if g is not None and bool(g.ne(0).any())]
         assert len(used) > 0.2 * len(loss_grads)  # per-op drop probability 0.3 ** (1/4) = 0.74

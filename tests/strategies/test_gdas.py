@@ -249,3 +249,30 @@ def test_unsampled_weights_keep_momentum_only_with_zero_gradients(reset, search_
         used_before |= set(all_ids) - unused
     assert stale > 0, 'no op used in an earlier step was unsampled later'
     assert stale_moved == (stale if reset == 'zeros' else 0)
+
+
+def test_edge_gradient_is_the_straight_through_gumbel_softmax_at_the_temperature(supernet, edges_of):
+    """Value: the sampled candidate's output (one-hot weight 1). Gradient (straight-through): ``<dL/dout, o_k(x)> *
+    d h_k / d alpha`` with ``h = softmax((log_softmax(alpha) + g) / tau)`` (official ``GDAS.py``), at tau = 3. An edge
+    used before any resample draws its own sample."""
+    import torch.nn.functional as F
+    net = supernet(Gdas(), dtype=torch.float64)
+    edge = edges_of(net, GumbelMaxEdge)[0]
+    assert edge.label == 'normal/op_2_0'  # stride 1, width 8 in the tiny space
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    out = edge(x)  # before any resample
+    assert edge.sampled_index is not None
+    edge.temperature = 3.0
+    resample(edges_of(net, GumbelMaxEdge))
+    k, noise = edge.sampled_index, edge._noise.detach().clone()
+    out = edge(x)
+    reference_out = edge[edge.names[k]](x).detach()
+    torch.testing.assert_close(out.detach(), reference_out, rtol=1e-12, atol=1e-12)
+    c = torch.randn_like(out)
+    edge.alpha.grad = None
+    (c * out).sum().backward()
+    alpha = edge.alpha.detach().clone().requires_grad_()
+    h = F.softmax((F.log_softmax(alpha, -1) + noise) / 3.0, -1)
+    (h[k] * (c * reference_out).sum()).backward()
+    torch.testing.assert_close(edge.alpha.grad, alpha.grad, rtol=1e-9, atol=1e-12)
+    assert float(alpha.grad.abs().max()) > 0

@@ -172,3 +172,10 @@ def test_bad_input_raises():
         MergedEdgeOp(C, 3, ['none'])
     with pytest.raises(ValueError, match='weights'):
         MergedEdgeOp(C, 1, ['none', 'sep_conv_3x3'])(_x(), [1.0])
+
+
+@pytest.mark.parametrize('kernel_size,dilation,size', [(3, 1, 4), (3, 2, 3), (5, 2, 8)])
+def test_receptive_field_mask_refuses_an_even_or_too_small_size(kernel_size, dilation, size):
+    """A centred mask needs an odd size at least the receptive field ``d (k - 1) + 1`` (each alone is refused)."""
+    with pytest.raises(ValueError, match='mask size must be odd'):
+        receptive_field_mask(kernel_size, dilation, size)

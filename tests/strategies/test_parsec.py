@@ -335,10 +335,20 @@ def _score(model, child: dict) -> dict:
 def test_strategy_steps_equal_the_hand_computed_estimators(search_with):
     """Drives ``ParsecLightning``'s own architecture and weight steps in a Lightning search, with fixed likelihoods
     for the architecture children: ``pi.grad = -sum_k omega_k grad log p(a_k)``, ``grad_w = sum_k omega_k grad_w
-    CE(a_k)`` with ``omega = softmax(-B * CE)``; both compared when each optimizer steps."""
+    CE(a_k)`` with ``omega = softmax(-B * CE)``; both compared when each optimizer steps. An ``add#linear`` cost
+    adds ``lambda / target * p * (c - E)`` per op choice (``p`` the prior, ``none`` outside it), and the step returns
+    ``sum_k omega_k CE_k + lambda (E - target) / target``. The K children are K fresh draws."""
     import pytorch_lightning as pl
+
+    from nni_darts_variants.cost.penalty import HardwareCost
+    from nni_darts_variants.cost.tables import CostTable
+    probe = create_strategy('parsec').mutate_model(tiny_space())
+    costs = {label: {n: float(k) for k, n in enumerate(e.names)} for label, e in choices(probe, ParsecEdge).items()}
+    target, lam = 5.0, 0.4
+    cost = HardwareCost('flops', target=target, form='add#linear', lambda_=lam,
+                        table=CostTable(metric='flops', const=0.0, costs=costs))
     fixed_losses = iter([0.30, 0.25, 0.40])
-    record = {'arch_children': [], 'arch_losses': [], 'weight_children': [], 'checked': []}
+    record = {'arch_children': [], 'arch_losses': [], 'weight_children': [], 'checked': [], 'returned': []}
     (x, y), = list(tiny_loaders(n=8, batch_size=8)[0])
 
     class Check(pl.Callback):
@@ -357,7 +367,15 @@ def test_strategy_steps_equal_the_hand_computed_estimators(search_with):
                 record['weight_children'].append(_current_child(model))
                 return training_step(batch, batch_idx)
 
+            arch_gradients = pl_module.compute_arch_gradients
+
+            def recording_arch_gradients(*args):
+                loss = arch_gradients(*args)
+                record['returned'].append(float(loss))
+                return loss
+
             pl_module.task_loss = fixed_arch_loss
+            pl_module.compute_arch_gradients = recording_arch_gradients
             model.training_step = recording_step
             for opt in trainer.optimizers:
                 opt.step = self._checked(opt, pl_module, getattr(opt, 'is_arch_optimizer', False))
@@ -376,10 +394,19 @@ def test_strategy_steps_equal_the_hand_computed_estimators(search_with):
             model = pl_module.training_module
             omega = torch.softmax(-8 * torch.tensor(record['arch_losses'], dtype=torch.float64), 0)
             scores = [_score(model, child) for child in record['arch_children']]
+            expected_cost = 0.0
             for label, choice in {**choices(model, ParsecEdge), **choices(model, ParsecNode)}.items():
                 expected = -sum(float(w) * s[label] for w, s in zip(omega, scores))
+                if label in costs:
+                    c = torch.tensor([costs[label][n] for n in choice.names], dtype=torch.float64)
+                    p = F.softmax(choice.alpha.detach().double().masked_fill(
+                        torch.tensor([n == 'none' for n in choice.names]), float('-inf')), -1)
+                    expected = expected + lam / target * p * (c - (p * c).sum())
+                    expected_cost += float((p * c).sum())
                 grad = torch.zeros_like(choice.alpha) if choice.alpha.grad is None else choice.alpha.grad
                 assert torch.allclose(grad, expected.to(grad), atol=1e-6), label
+            record['expected_return'] = float((omega * torch.tensor(record['arch_losses'], dtype=torch.float64)).sum()
+                                              + lam * (expected_cost - target) / target)
 
         def _weights(self, pl_module):
             model = pl_module.training_module
@@ -398,5 +425,9 @@ def test_strategy_steps_equal_the_hand_computed_estimators(search_with):
                 actual = torch.zeros_like(w) if w.grad is None else w.grad
                 assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-4), i
 
-    search_with(Parsec(num_samples=3, gradient_clip_val=None), [Check()], loaders=tiny_loaders(n=8, batch_size=8))
+    search_with(Parsec(num_samples=3, gradient_clip_val=None, cost=cost), [Check()],
+                loaders=tiny_loaders(n=8, batch_size=8))
     assert record['checked'] == ['arch', 'weight'] and len(record['arch_children']) == 3
+    assert record['returned'] == [pytest.approx(record['expected_return'], rel=1e-5)]
+    children = [sorted((k, str(v)) for k, v in c.items()) for c in record['arch_children']]
+    assert len({tuple(c) for c in children}) == 3, 'each of the K children must be a new sample'

@@ -43,6 +43,15 @@ def _random_cell(ops_per_edge: int, seed: int) -> dict[tuple[int, int], dict[str
 
 # ----- stage policies -----------------------------------------------------------------------------------------------
 
+def test_drop_operations_none_first_drops_none_before_any_other():
+    """Official ``get_min_k_no_zero``: ``none`` goes first whatever its weight, then the weakest others; a ``none``
+    that is also the weakest is dropped once, not counted twice."""
+    three = ['none', 'sep_conv_3x3', 'skip_connect']
+    assert drop_operations(three, [0.6, 0.3, 0.1], 2, none_first=True) == ['sep_conv_3x3', 'skip_connect']
+    assert drop_operations(three, [0.1, 0.5, 0.4], 1, none_first=True) == ['sep_conv_3x3']
+    assert drop_operations(three, [0.1, 0.5, 0.4], 2, none_first=True) == ['sep_conv_3x3', 'skip_connect']
+
+
 def test_drop_operations_keeps_the_strongest_in_order():
     weights = [0.05, 0.30, 0.01, 0.20, 0.02, 0.25, 0.03, 0.14]
     assert drop_operations(OPS, weights, 5) == ['none', 'max_pool_3x3', 'skip_connect', 'sep_conv_5x5',

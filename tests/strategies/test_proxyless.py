@@ -233,3 +233,180 @@ def test_defaults_and_validation():
         ProxylessNAS(grad_binary_mode='full')
     with pytest.raises(ValueError, match='arch_update_every'):
         ProxylessNAS(arch_update_every=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inside the Lightning loop: the hardware-cost gradient, the step order, the alpha-gradient resets
+# ---------------------------------------------------------------------------------------------------------------------
+
+class _LoopWatch:
+    """Wraps a ProxylessLightning module's steps (on train start): the order of ``weight_step`` and
+    ``architecture_step`` with the parameters each changed, and at every arch update each edge label's paths, alpha,
+    alpha gradient before and after ``before_architecture_update`` (the zero-path reset), and alpha after the step."""
+
+    def __init__(self, setup=None):
+        self.setup, self.steps, self.updates = setup, [], []
+
+    def callback(self):
+        import pytorch_lightning as pl
+        watch = self
+
+        class Watch(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                watch.attach(pl_module)
+        return Watch()
+
+    def attach(self, module) -> None:
+        if self.setup is not None:
+            self.setup(module)
+        alphas, weights = module.arch_parameters(), module.weight_parameters()
+        by_label = {m.label: m for m in module.supernet_modules() if isinstance(m, ProxylessEdge)}
+
+        def wrap(name, step):
+            def wrapped(*args, **kwargs):
+                before = [p.detach().clone() for p in alphas + weights]
+                out = step(*args, **kwargs)
+                moved = [not torch.equal(b, p) for b, p in zip(before, alphas + weights)]
+                self.steps.append((name, any(moved[:len(alphas)]), any(moved[len(alphas):])))
+                return out
+            return wrapped
+        for name in ('weight_step', 'architecture_step'):
+            setattr(module, name, wrap(name, getattr(module, name)))
+
+        prepare, finish = module.before_architecture_update, module.after_architecture_update
+
+        def grads():
+            return {label: None if e.alpha.grad is None else e.alpha.grad.detach().clone() for label, e in by_label.items()}
+
+        def before_update():
+            record = {'paths': {label: e.paths for label, e in by_label.items()}, 'grad': grads(),
+                      'alpha': {label: e.alpha.detach().clone() for label, e in by_label.items()},
+                      'names': {label: e.names for label, e in by_label.items()}}
+            prepare()
+            record['grad_at_step'] = grads()
+            self.updates.append(record)
+
+        def after_update():
+            finish()
+            self.updates[-1]['alpha_after'] = {label: e.alpha.detach().clone() for label, e in by_label.items()}
+        module.before_architecture_update, module.after_architecture_update = before_update, after_update
+
+
+def _edge_table(supernet):
+    """Edge labels and candidate names of the tiny space, and a fixed random cost per candidate (``none``: 0)."""
+    from nni_darts_variants.cost.tables import CostTable
+    _, model = supernet('two')
+    names = {e.label: list(e.names) for e in unique_edges(model.modules())}
+    g = torch.Generator().manual_seed(7)
+    costs = {label: {n: 0.0 if n == 'none' else float(torch.rand(1, generator=g)) * 10 for n in ops}
+             for label, ops in names.items()}
+    return CostTable(metric='flops', const=3.0, costs=costs), costs
+
+
+def _loop_search(search_with, strategy, watch, batches: int = 2):
+    from nni_darts_variants.testing import tiny_loaders
+    search_with(strategy, [watch.callback()], loaders=tiny_loaders(n=4 * batches, batch_size=4))
+    return watch
+
+
+@pytest.mark.slow  # two tiny searches per mode: about 35 s each on the loaded two-core machine
+@pytest.mark.parametrize('mode', ['two', 'full_v2'])
+def test_loop_architecture_gradient_carries_the_add_linear_cost_term(mode, supernet, search_with):
+    """Two identical searches but the cost weight (lambda 0.5 against 0): at the first arch step (same weights, same
+    samples) the alpha gradients differ by the official ``add#linear`` term, ``lambda / target * dE/dalpha`` with
+    ``E = sum_l sum_k p_k c_k`` over the official ``current_prob_over_ops``: two-path, ``p = softmax(alpha[pair])`` on
+    the pair (0 elsewhere); ``full_v2``, ``p = softmax(alpha)``. Hence ``p * (c - E_l)`` per edge."""
+    from nni_darts_variants.cost.penalty import HardwareCost
+    table, costs = _edge_table(supernet)
+    target, lam = 2.0, 0.5
+    runs = []
+    for weight in (0.0, lam):
+        cost = HardwareCost('flops', target=target, form='add#linear', lambda_=weight, table=table)
+        strategy = ProxylessNAS(grad_binary_mode=mode, arch_update_every=1, warmup_epochs=0, cost=cost)
+        runs.append(_loop_search(search_with, strategy, _LoopWatch(), batches=1).updates[0])
+    plain, costed = runs
+    assert plain['paths'] == costed['paths'] and all(
+        torch.equal(plain['alpha'][k], costed['alpha'][k]) for k in plain['alpha'])
+    for label, names in costed['names'].items():
+        alpha, paths = costed['alpha'][label].double(), costed['paths'][label]
+        c = torch.tensor([costs[label][n] for n in names], dtype=torch.float64)
+        expected = torch.zeros_like(alpha)
+        index = list(paths) if mode == 'two' else list(range(len(names)))
+        assert len(index) == (2 if mode == 'two' else len(names))
+        p = F.softmax(alpha[index], -1)
+        expected[index] = lam / target * p * (c[index] - (p * c[index]).sum())
+        difference = costed['grad'][label].double() - plain['grad'][label].double()
+        torch.testing.assert_close(difference, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def two_path_loop(tmp_path_factory):
+    """One tiny two-path search (4 batches, an arch step every 2nd, with an ``add#linear`` cost) in which ``none`` is
+    made likely on every edge (alpha['none'] = 1.5 at train start), so that zero active paths occur."""
+    import pytorch_lightning as pl
+    from nni.nas.experiment import NasExperiment
+
+    from nni_darts_variants.cost.penalty import HardwareCost
+    from nni_darts_variants.cost.tables import CostTable
+    from nni_darts_variants.testing import tiny_evaluator, tiny_loaders
+
+    def favour_none(module):
+        with torch.no_grad():
+            for edge in unique_edges(module.supernet_modules()):
+                edge.alpha[edge.names.index('none')] = 1.5
+    probe = create_strategy('proxyless').mutate_model(tiny_space())
+    costs = {e.label: {n: float(k) for k, n in enumerate(e.names)} for e in unique_edges(probe.modules())}
+    cost = HardwareCost('flops', target=4.0, form='add#linear', lambda_=0.3,
+                        table=CostTable(metric='flops', const=0.0, costs=costs))
+    watch = _LoopWatch(setup=favour_none)
+    pl.seed_everything(0, verbose=False)
+    evaluator = tiny_evaluator(max_epochs=1, callbacks=[watch.callback()], loaders=tiny_loaders(n=16, batch_size=4))
+    experiment = NasExperiment(tiny_space(), evaluator, ProxylessNAS(arch_update_every=2, cost=cost))
+    experiment.config.experiment_working_directory = str(tmp_path_factory.mktemp('proxyless-loop'))
+    experiment.run()
+    return watch
+
+
+def test_loop_runs_the_weight_step_before_the_arch_step(two_path_loop):
+    """Official ``nas_manager.train``: every batch trains the weights, then every ``arch_update_every``-th batch
+    updates the architecture. The weight step moves weights and no alpha; the arch step moves alphas and no weight."""
+    steps = two_path_loop.steps
+    assert [s[0] for s in steps] == ['weight_step', 'weight_step', 'architecture_step'] * 2
+    for name, alpha_moved, weight_moved in steps:
+        assert (alpha_moved, weight_moved) == ((True, False) if name == 'architecture_step' else (False, True)), name
+
+
+def test_loop_alpha_gradient_only_on_the_pair_and_dropped_for_a_zero_active_path(two_path_loop):
+    """At the arch optimizer step of the loop: an edge whose active path is ``none`` has ``grad=None`` (task and cost
+    terms dropped, alpha unchanged by the step); every other edge has gradient only on its two sampled paths (cost
+    term included), the others bit-identical after the step and the pair's ``logsumexp`` restored."""
+    seen = Counter()
+    for update in two_path_loop.updates:
+        for label, paths in update['paths'].items():
+            names, grad = update['names'][label], update['grad_at_step'][label]
+            old, new = update['alpha'][label], update['alpha_after'][label]
+            assert len(paths) == 2 and paths[0] != paths[1]
+            if names[paths[0]] == 'none':
+                seen['zero'] += 1
+                assert update['grad'][label] is not None, 'the backward reached this alpha before the reset'
+                assert grad is None, label
+                assert torch.equal(old, new), label
+                continue
+            seen['other'] += 1
+            others = [k for k in range(len(names)) if k not in paths]
+            assert grad is not None and torch.all(grad[others] == 0) and torch.all(grad[list(paths)] != 0), label
+            assert torch.equal(old[others], new[others]), label
+            torch.testing.assert_close(torch.logsumexp(new[list(paths)], 0), torch.logsumexp(old[list(paths)], 0),
+                                       rtol=1e-6, atol=1e-6)
+    assert len(two_path_loop.updates) == 2 and seen['zero'] > 0 and seen['other'] > 0, seen
+
+
+def test_two_candidate_edge_samples_both_in_the_arch_step():
+    """Two-path mode needs only two candidates: an edge of exactly two gets both (active first), one in the weight
+    phase (``_sample`` on a stand-in edge: NNI builds a ``LayerChoice`` only inside a model space)."""
+    alpha = torch.zeros(2)
+    edge = types.SimpleNamespace(phase='arch', grad_binary_mode='two', alpha=alpha,
+                                 op_weights=lambda: F.softmax(alpha, -1))
+    assert sorted(ProxylessEdge._sample(edge)) == [0, 1]
+    edge.phase = 'weight'
+    assert len(ProxylessEdge._sample(edge)) == 1
