@@ -739,6 +739,12 @@ class DartsVariant(DARTS):
         return None
 
     @classmethod
+    def check_space(cls, space: type) -> None:
+        """Raise ``TypeError`` or ``ValueError`` when the strategy cannot search a model space of class ``space``
+        (the class the config's ``space.name`` names); nothing is built, so a config can be checked when it resolves.
+        Every space passes by default."""
+
+    @classmethod
     def check_trainer(cls, max_epochs: int | None, **strategy_args: Any) -> None:
         """Raise ``ValueError`` when a trainer of ``max_epochs`` cannot run the strategy built with
         ``strategy_args``; nothing is built, so a config can be checked when it resolves."""

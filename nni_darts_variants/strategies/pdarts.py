@@ -95,13 +95,17 @@ class PDartsEdge(MixedEdge):
         return output
 
 
+def check_rebuildable(klass: type) -> None:
+    """Refuse a model-space class that P-DARTS cannot rebuild with more cells and fewer operations per stage."""
+    if not {'num_cells', 'operations'} <= set(init_signature(klass).parameters):
+        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
+                        f'{klass.__name__} takes no `num_cells` and `operations` arguments; use DartsSpace')
+
+
 def space_blueprint(space: nn.Module) -> tuple[type, dict[str, Any]]:
     """The class of a model space and its constructor arguments (NNI records them), checked for P-DARTS' needs."""
+    check_rebuildable(type(space))
     signature = init_signature(type(space))
-    params = signature.parameters
-    if not {'num_cells', 'operations'} <= set(params):
-        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
-                        f'{type(space).__name__} takes no `num_cells` and `operations` arguments; use DartsSpace')
     bound = signature.bind(space, *space.trace_args, **space.trace_kwargs)
     bound.apply_defaults()
     return type(space), dict(list(bound.arguments.items())[1:])
@@ -266,6 +270,10 @@ class PDarts(DartsVariant):
         super().__init__(arc_learning_rate=arc_learning_rate, arc_gradient_clip_val=arc_gradient_clip_val, **kwargs)
         self.epochs_per_stage, self.stage_warmup_epochs = epochs_per_stage, stage_warmup_epochs
         self.max_skip_connect = max_skip_connect
+
+    @classmethod
+    def check_space(cls, space: type) -> None:
+        check_rebuildable(space)
 
     def mutate_model(self, model: Any) -> Any:
         """Refuse, before anything trains, a space that cannot be rebuilt with more cells and fewer operations."""
