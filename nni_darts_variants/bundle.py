@@ -33,7 +33,8 @@ BUNDLE_DIR = 'bundle'
 #: may name (a list, not a path into the repository, so an installed package writes the same command; a test keeps
 #: it equal to the folder).
 RETRAIN_RECIPES = frozenset({'darts-cifar10', 'darts-imagenet', 'dropnas-cifar10', 'gdas-cifar10', 'mergenas-cifar10',
-                             'parsec-cifar10', 'pcdarts-cifar10', 'pcdarts-imagenet', 'pdarts-cifar10'})
+                             'parsec-cifar10', 'pcdarts-cifar10', 'pcdarts-imagenet', 'pdarts-cifar10',
+                             'proxylessnas-imagenet', 'nasbench201-cifar10'})
 
 
 # ----- size of the derived network -----
