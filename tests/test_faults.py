@@ -105,6 +105,17 @@ def test_no_loadable_checkpoint_is_one_line_exit_2_quick(tmp_path, capsys):
     assert 'last.ckpt' in line and 'previous.ckpt' in line and 'can be loaded' in line, line
 
 
+def test_a_resume_writes_into_the_resumed_folder(tmp_path, monkeypatch):
+    """``--resume RUN_DIR`` continues in RUN_DIR (here one with no checkpoint yet), not in the config's default."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'mine'
+    run.mkdir()
+    write_config(run / 'config.yaml', tiny_config(epochs=1))
+    assert main(['search', '--resume', str(run)]) == 0
+    assert (run / 'result.json').is_file() and (run / 'checkpoints' / 'last.ckpt').is_file()
+    assert not (tmp_path / 'runs').exists()  # not the config's default folder (runs/...)
+
+
 @pytest.fixture(scope='module')
 def interrupted_and_full(tmp_path_factory):
     """A 3-epoch search interrupted at the start of epoch 2 (last.ckpt = epoch 1, previous.ckpt = epoch 0), and the
@@ -398,6 +409,30 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path):
     assert torch.load(checkpoints / 'last.ckpt', weights_only=True)['epoch'] == 0  # epoch 0's, whole
     assert main(['search', '--resume', str(tmp_path / 'run')]) == 0  # space freed: the resume finishes the run
     assert [h['epoch'] for h in json.loads((tmp_path / 'run' / 'alpha_history.json').read_text())] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_the_bundle_is_written_keeps_the_search(tmp_path, monkeypatch, caplog):
+    """ENOSPC in the bundle's files: one warning, the search's own result files all written, no temporary left."""
+    from nni_darts_variants import bundle
+    original = bundle.write_bundle
+
+    def on_a_full_disk(*args, **kwargs):
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, 'fsync', no_space)
+            return original(*args, **kwargs)
+    monkeypatch.setattr(bundle, 'write_bundle', on_a_full_disk)
+    cfg = tiny_config(epochs=1)
+    cfg['output']['bundle'] = True
+    with caplog.at_level('WARNING', logger='nni_darts_variants'):
+        run_search(cfg, output=tmp_path / 'run')
+    warnings = [r.getMessage() for r in caplog.records if 'could not write the result bundle' in r.getMessage()]
+    assert len(warnings) == 1 and 'No space left on device' in warnings[0], warnings
+    for name in ('result.json', 'genotype.json', 'sample.json', 'alphas.json', 'alpha_history.json'):
+        json.loads((tmp_path / 'run' / name).read_text())  # whole
+    assert not list((tmp_path / 'run').rglob('.*.tmp'))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     """
     cfg, run_dir, data, space_factory, space, strategy, ckpt_path = _prepare(config, overrides, output, resume)
     existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
-    run_dir = prepare_run_dir(cfg, output, overwrite)
+    run_dir = prepare_run_dir(cfg, run_dir, overwrite)  # the resumed folder when resuming, not the config's
     lock = RunLock(run_dir)
     try:
         lock.acquire()
