@@ -25,7 +25,17 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
-    """A dataset that cannot be loaded, with a one-line message naming the path and the fix."""
+    """A dataset that cannot be loaded, with a one-line message naming the path and the fix.
+
+    Raised in a ``DataLoader`` worker (``data.num_workers > 0``), it comes back re-raised by PyTorch with the message
+    ``Caught DataError in DataLoader worker process N`` and the worker's traceback; the message is then cut back to
+    the worker's own one line, so that the error still names the file.
+    """
+
+    def __init__(self, message: str = '') -> None:
+        if message.startswith(f'Caught {type(self).__name__} in DataLoader worker'):
+            message = message.rstrip().splitlines()[-1].split(f'{type(self).__name__}: ', 1)[-1]
+        super().__init__(message)
 
 
 @dataclass

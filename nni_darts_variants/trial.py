@@ -117,8 +117,12 @@ class NniReporter:
         self._send('FINAL', 0, dict(metric))
 
     def _send(self, kind: str, sequence: int, value: dict[str, Any]) -> None:
-        self.channel.send_metric(type=kind, parameter_id=self.parameter_id, trial_job_id=self.trial_job_id,
-                                 sequence=sequence, value=value)
+        try:
+            self.channel.send_metric(type=kind, parameter_id=self.parameter_id, trial_job_id=self.trial_job_id,
+                                     sequence=sequence, value=value)
+        except OSError as err:  # the manager is gone (``nnictl stop`` closes it before it signals the trial)
+            _logger.warning('could not report the %s metric to the NNI manager (%s); the search goes on, its '
+                            'results are in its run folder', kind, type(err).__name__)
 
 
 def final_metrics(result: Any) -> dict[str, Any]:

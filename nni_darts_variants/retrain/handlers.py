@@ -2,7 +2,10 @@
 LR step, checkpoints and resume, the session stop, the progress bar and TensorBoard.
 
 Files written into the run folder (rank 0): ``metrics.csv`` (one row per epoch), ``checkpoints/checkpoint_<epoch>.pt``
-(model, optimizer, LR scheduler, trainer state, grad scaler; the last ``n_saved`` kept) and ``summary.json``.
+(model, optimizer, LR scheduler, trainer state, grad scaler; the last ``n_saved`` kept, each written atomically by
+ignite's ``DiskSaver``) and ``summary.json``. A resume loads the newest checkpoint that loads with
+``torch.load(weights_only=True)`` (a file from elsewhere cannot run code), says which it skipped and why, and stops
+with one line naming them all when none loads.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch.nn as nn
 
 from ..config import ConfigError
 
-__all__ = ['RunRecord', 'attach_handlers', 'resume_from_checkpoint', 'last_checkpoint', 'evaluate', 'unwrap',
+__all__ = ['RunRecord', 'attach_handlers', 'resume_from_checkpoint', 'last_checkpoint', 'checkpoints_newest_first',
+           'load_retrain_checkpoint', 'evaluate', 'unwrap',
            'CHECKPOINT_DIR', 'METRICS_FILE', 'SUMMARY_FILE', 'CSV_FIELDS']
 
 _logger = logging.getLogger(__name__)
@@ -28,12 +32,27 @@ CSV_FIELDS = ('epoch', 'lr', 'drop_path_prob', 'train_loss', 'train_top1', 'test
               'epoch_s')
 
 
-def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint of the latest epoch in ``run_dir/checkpoints`` (None when there is none)."""
+def checkpoints_newest_first(run_dir: str | Path) -> list[Path]:
+    """The epoch checkpoints in ``run_dir/checkpoints``, the latest epoch first."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     files = [(int(p.stem.rsplit('_', 1)[-1]), p) for p in folder.glob('checkpoint_*.pt')
              if p.stem.rsplit('_', 1)[-1].isdigit()] if folder.is_dir() else []
-    return max(files)[1] if files else None
+    return [path for _, path in sorted(files, reverse=True)]
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the latest epoch in ``run_dir/checkpoints`` (None when there is none)."""
+    files = checkpoints_newest_first(run_dir)
+    return files[0] if files else None
+
+
+def load_retrain_checkpoint(path: Path) -> dict[str, Any]:
+    """A retrain checkpoint, loaded without executing code (``weights_only=True``: tensors, numbers, strings and
+    containers only); ``ValueError`` if it holds none of the objects a retrain saves."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'trainer' not in checkpoint:
+        raise ValueError('not a retrain checkpoint (no model and trainer state)')
+    return checkpoint
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -186,11 +205,16 @@ def _attach_display(trainer: Any, evaluator: Any, optimizer: Any, run: RunRecord
 def resume_from_checkpoint(to_save: dict[str, Any], trainer: Any, run: RunRecord) -> int:
     """Load the last checkpoint into ``to_save``; returns the epoch it ends (0 when there is none)."""
     from ignite.handlers import Checkpoint
-    path = last_checkpoint(run.run_dir)
-    if path is None:
-        _logger.warning('resume: no checkpoint in %s; starting from scratch', run.run_dir / CHECKPOINT_DIR)
+
+    from ..search.checkpoints import newest_loadable
+    folder = run.run_dir / CHECKPOINT_DIR
+    found = newest_loadable(checkpoints_newest_first(run.run_dir), load_retrain_checkpoint, folder,
+                            f'retrain again into a new folder (or remove {folder})')
+    if found is None:
+        _logger.warning('resume: no checkpoint in %s; starting from scratch', folder)
         return 0
-    Checkpoint.load_objects(to_load=to_save, checkpoint=torch.load(path, map_location='cpu', weights_only=False))
+    path, checkpoint = found
+    Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
     epoch = trainer.state.epoch
     run.truncate(epoch)
     _logger.info('resumed from %s (epoch %d)', path, epoch)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -22,7 +22,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from ..atomic import atomic_write_bytes
 from ..config import ConfigError
 
-__all__ = ['LAST', 'PREVIOUS', 'AtomicCheckpointIO', 'CheckpointWriteError', 'load_checkpoint', 'choose_checkpoint']
+__all__ = ['LAST', 'PREVIOUS', 'AtomicCheckpointIO', 'CheckpointWriteError', 'load_checkpoint', 'choose_checkpoint',
+           'newest_loadable']
 
 _logger = logging.getLogger(__name__)
 
@@ -70,20 +71,28 @@ def _why(err: BaseException) -> str:
     return f'{type(err).__name__}: {text[0]}' if text else type(err).__name__
 
 
-def choose_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint in ``checkpoint_dir`` that loads; ``None`` if there is none at all."""
-    candidates = [checkpoint_dir / name for name in (LAST, PREVIOUS) if (checkpoint_dir / name).exists()]
+def newest_loadable(candidates: Sequence[Path], load: Callable[[Path], Any], folder: Path,
+                    fix: str) -> tuple[Path, Any] | None:
+    """The first of ``candidates`` (newest first) that ``load`` reads, and what it read: one warning names each file
+    skipped and why; if none loads, a :class:`~nni_darts_variants.config.ConfigError` naming them all and ``fix``;
+    ``None`` when there are no candidates."""
     failures = []
     for path in candidates:
         try:
-            load_checkpoint(path)
+            loaded = load(path)
         except Exception as err:  # noqa: BLE001 - any unreadable file is a reason to fall back
             failures.append(f'{path} ({_why(err)})')
             continue
         if failures:
-            _logger.warning('cannot load %s; resuming from %s', failures[-1], path.name)
-        return path
+            _logger.warning('cannot load %s; resuming from %s', '; '.join(failures), path.name)
+        return path, loaded
     if failures:
-        raise ConfigError(f'no checkpoint in {checkpoint_dir} can be loaded: {"; ".join(failures)}; start the search '
-                          'again with --overwrite')
+        raise ConfigError(f'no checkpoint in {folder} can be loaded: {"; ".join(failures)}; {fix}')
     return None
+
+
+def choose_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint in ``checkpoint_dir`` that loads; ``None`` if there is none at all."""
+    candidates = [checkpoint_dir / name for name in (LAST, PREVIOUS) if (checkpoint_dir / name).exists()]
+    found = newest_loadable(candidates, load_checkpoint, checkpoint_dir, 'start the search again with --overwrite')
+    return found[0] if found else None

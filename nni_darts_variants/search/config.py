@@ -7,11 +7,11 @@ from typing import Any
 
 from ..config import ConfigError, apply_overrides, check_schema, load_yaml
 from ..distributed import lightning_strategy
-from ..registry import check_strategy_arguments
+from ..registry import check_strategy_arguments, get_space, get_strategy
 from ..speed import check_threads
 from ..strategies.base import DartsVariant
 
-__all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'LOGGERS', 'resolve_config']
+__all__ = ['SEARCH_SCHEMA', 'OPEN_SECTIONS', 'LOGGERS', 'resolve_config', 'first_line']
 
 #: Every key a search config may have, with its default.
 SEARCH_SCHEMA: dict[str, Any] = {
@@ -48,6 +48,7 @@ def resolve_config(config: dict[str, Any] | str | Path | None = None, overrides:
         raise ConfigError("train.logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]', "
                           'or use train.logger=csv')
     _check_strategy(cfg['strategy']['name'], cfg['strategy']['args'], cfg['train'])
+    _check_space(cfg['strategy']['name'], cfg['space']['name'])
     for key in ('learning_rate', 'learning_rate_min', 'momentum', 'weight_decay', 'lr_warmup_epochs'):
         if cfg['train'][key] < 0:
             raise ConfigError(f'train.{key} must be >= 0, got {cfg["train"][key]}')
@@ -69,6 +70,12 @@ def _tensorboard_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ('tensorboard', 'tensorboardX'))
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _check_strategy(name: str, args: dict[str, Any], train: dict[str, Any]) -> None:
     """Unknown arguments, bad values (by building the strategy: cheap, nothing is trained) and a ``train`` section
     (``max_epochs``, optimizer) the strategy cannot run are :class:`ConfigError` naming ``strategy.args``."""
@@ -77,5 +84,20 @@ def _check_strategy(name: str, args: dict[str, Any], train: dict[str, Any]) -> N
         if isinstance(strategy, DartsVariant):  # a strategy registered from outside may be a plain NNI one
             strategy.check_trainer(train['max_epochs'], train=train, **args)
     except (TypeError, ValueError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f'strategy.args: {message}') from None
+        raise ConfigError(f'strategy.args: {first_line(err)}') from None
+
+
+def _check_space(strategy: str, space: str) -> None:
+    """An unknown space, or one the strategy cannot search (its :meth:`~DartsVariant.check_space`, e.g. P-DARTS on
+    a space it cannot rebuild), is a :class:`ConfigError`."""
+    try:
+        klass = get_space(space)
+    except ValueError as err:
+        raise ConfigError(f'space.name: {err}') from None
+    strategy_class = get_strategy(strategy)
+    if not issubclass(strategy_class, DartsVariant):  # a strategy registered from outside may be a plain NNI one
+        return
+    try:
+        strategy_class.check_space(klass)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f'strategy {strategy!r} on space {space!r}: {first_line(err)}') from None

@@ -3,7 +3,9 @@
 ``nnictl stop``, cluster schedulers (SLURM's time limit, Kubernetes) and Ctrl-C send one of these signals. While a
 search trains, :class:`GracefulStop` turns the first one into a flag; at the end of the step in progress it saves
 ``checkpoints/last.ckpt`` (through the trainer, so atomically and with ``previous.ckpt`` kept) and raises
-:class:`SearchInterrupted`. The command line exits with ``128 + signal``: 130 for SIGINT, 143 for SIGTERM. A second
+:class:`SearchInterrupted`. A signal that comes after an epoch's last step stops at the start of the next epoch,
+on the checkpoint the epoch end wrote, instead of waiting for one more step: ``nnictl stop`` gives a trial 5 s
+before SIGKILL (NNI 3.0's trial keeper sends SIGINT, the legacy local training service SIGTERM). The command line exits with ``128 + signal``: 130 for SIGINT, 143 for SIGTERM. A second
 signal acts at once (the handlers are put back after the first).
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ class GracefulStop(pl.Callback):
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.signum: int | None = None
+        self._epoch_ended = False  # an epoch end (and its checkpoint) happened in this fit
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -73,3 +76,10 @@ class GracefulStop(pl.Callback):
         checkpoint = self.run_dir / 'checkpoints' / LAST
         trainer.save_checkpoint(checkpoint)
         raise SearchInterrupted(self.signum, self.run_dir, checkpoint)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch_ended = True  # the checkpoint callback, which Lightning runs after this one, saves the epoch
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.signum is not None and self._epoch_ended:  # the epoch end's last.ckpt is the exact resume point
+            raise SearchInterrupted(self.signum, self.run_dir, self.run_dir / 'checkpoints' / LAST)

@@ -21,7 +21,7 @@ from ..nasbench201 import export_nb201
 from ..registry import build_space, create_strategy
 from ..speed import CompileSupernet, apply_threads
 from .callbacks import ChannelsLast, DivergenceGuard, RandomState, SearchMonitor, arch_state
-from .config import resolve_config
+from .config import first_line, resolve_config
 from .evaluator import evaluate_sample, search_evaluator
 from .checkpoints import LAST, AtomicCheckpointIO, choose_checkpoint
 from .interrupt import GracefulStop, SearchInterrupted
@@ -165,7 +165,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     """
     cfg, run_dir, data, space_factory, space, strategy, ckpt_path = _prepare(config, overrides, output, resume)
     existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
-    run_dir = prepare_run_dir(cfg, output, overwrite)
+    run_dir = prepare_run_dir(cfg, run_dir, overwrite)  # the resumed folder when resuming, not the config's
     lock = RunLock(run_dir)
     try:
         lock.acquire()
@@ -213,9 +213,8 @@ def _check_supernet(cfg: dict[str, Any], space_factory: Callable[[], Any]) -> No
         try:
             create_strategy(cfg['strategy']['name'], **cfg['strategy']['args']).mutate_model(space_factory())
         except (TypeError, ValueError) as err:
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f'strategy {cfg["strategy"]["name"]!r} on space {cfg["space"]["name"]!r}: {message}') \
-                from None
+            raise ConfigError(f'strategy {cfg["strategy"]["name"]!r} on space {cfg["space"]["name"]!r}: '
+                              f'{first_line(err)}') from None
 
 
 def _undo_failed_start(run_dir: Path, existed: set[Path] | None) -> None:

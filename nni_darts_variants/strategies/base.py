@@ -747,6 +747,12 @@ class DartsVariant(DARTS):
         return None
 
     @classmethod
+    def check_space(cls, space: type | Any) -> None:
+        """Raise ``TypeError`` or ``ValueError`` when the strategy cannot search ``space``: the class the config's
+        ``space.name`` names (when the config resolves; nothing is built), or a built space (a variant may call it
+        again at ``mutate_model``). Every space passes by default."""
+
+    @classmethod
     def check_trainer(cls, max_epochs: int | None, *, train: dict[str, Any] | None = None,
                       **strategy_args: Any) -> None:
         """Raise ``ValueError`` when a trainer of ``max_epochs`` cannot run the strategy built with

@@ -103,14 +103,24 @@ _REBUILDABLE = ('use DartsSpace, NasBench201Space or an NNI Cell space such as n
                 'ENAS, AmoebaNet or PNAS')
 
 
+def check_rebuildable(klass: type) -> None:
+    """Refuse a model-space class that P-DARTS cannot rebuild with more cells per stage: one without a ``num_cells``
+    argument. ``NniHubSpace`` passes here: the hub class it names is checked once built (:meth:`PDarts.check_space`
+    at ``mutate_model``, which also runs before a run folder exists)."""
+    from search_spaces.nni_hub import NniHubSpace
+    if klass is NniHubSpace:
+        return
+    if 'num_cells' not in init_signature(klass).parameters:
+        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
+                        f'{klass.__name__} takes no `num_cells` argument; {_REBUILDABLE}')
+
+
 def space_blueprint(space: nn.Module) -> tuple[type, dict[str, Any]]:
     """The class of a model space and its constructor arguments (NNI records them), checked for P-DARTS' needs:
     a ``num_cells`` argument that is one number (the stages set the depth)."""
+    check_rebuildable(type(space))
     signature = init_signature(type(space))
     name = type(space).__name__
-    if 'num_cells' not in signature.parameters:
-        raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but {name} '
-                        f'takes no `num_cells` argument; {_REBUILDABLE}')
     bound = signature.bind(space, *space.trace_args, **space.trace_kwargs)
     bound.apply_defaults()
     kwargs = dict(list(bound.arguments.items())[1:])
@@ -299,10 +309,14 @@ class PDarts(DartsVariant):
         self.cell_operations: dict[str, list[str]] | None = None
 
     @classmethod
-    def check_space(cls, space: nn.Module) -> None:
+    def check_space(cls, space: type | nn.Module) -> None:
         """Raise ``TypeError`` (one line: the construct and what to use) when P-DARTS cannot rebuild ``space`` per
         stage: it needs a ``num_cells`` argument of one number, and an ``operations`` argument or NNI ``Cell``
-        modules whose edges it prunes. Builds nothing, so a config can be checked when it resolves."""
+        modules whose edges it prunes. A class (when the config resolves) is checked for its arguments; a built
+        space (at ``mutate_model``) for all of it."""
+        if isinstance(space, type):
+            check_rebuildable(space)
+            return
         _, kwargs = space_blueprint(space)
         if not prunes_by_constructor(kwargs) and not any(isinstance(m, (Cell, MixedCell)) for m in space.modules()):
             raise TypeError(f'P-DARTS rebuilds the model space with more cells and fewer operations per stage, but '
