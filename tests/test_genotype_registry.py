@@ -46,6 +46,15 @@ def test_strategy_export_follows_the_softmax_rule():
     assert all(v != 'none' for k, v in sample.items() if '/op_' in k)
 
 
+def test_tied_edges_go_to_the_lower_input_index():
+    """The official ``genotype()`` ranks a node's inputs with Python's stable ``sorted(range(i + 2), key=...)``: on a
+    tie the lower input index wins, whatever its operation's name. Here the names sort the other way round."""
+    weights = {(3, 0): {'sep_conv_3x3': 0.5}, (3, 1): {'avg_pool_3x3': 0.5}, (3, 2): {'dil_conv_3x3': 0.5}}
+    official = sorted(range(3), key=lambda j: -max(weights[(3, j)].values()))[:2]  # the official ranking, ported
+    assert official == [0, 1]
+    assert darts_rule(weights)[3] == [('sep_conv_3x3', 0), ('avg_pool_3x3', 1)]
+
+
 def test_none_is_never_chosen_even_when_strongest():
     weights = {(2, 0): {'none': 0.9, 'skip_connect': 0.1}, (2, 1): {'none': 0.99, 'avg_pool_3x3': 0.01}}
     assert darts_rule(weights)[2] == [('skip_connect', 0), ('avg_pool_3x3', 1)]
