@@ -7,6 +7,8 @@ changes no floating-point operation that reaches a parameter.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from nni.mutable import frozen_context
@@ -203,7 +205,7 @@ def test_transforms_that_cannot_be_replayed_exactly_stay_as_they_are(tmp_path):
     assert decoded_in_memory(plain, max_bytes=10_000) is plain  # 12 images of 3,072 bytes do not fit
 
 
-@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two'])
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two', 'Auto'])
 def test_bad_thread_count_is_a_config_error_naming_the_key(bad):
     from nni_darts_variants.config import ConfigError
     from nni_darts_variants.search.config import resolve_config
@@ -219,6 +221,103 @@ def test_threads_are_applied_and_none_leaves_them():
         assert torch.get_num_threads() == before
         apply_threads(2)
         assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Manager:
+    """A stand-in for NNI's manager on 127.0.0.1: ``GET <prefix>/api/v1/nni/experiment`` gives a profile whose
+    ``params.trialConcurrency`` is ``concurrency`` (the shape of NNI 3.0's ``/experiment`` answer); it records the
+    paths asked for."""
+
+    def __init__(self, concurrency: int, prefix: str = ''):
+        import http.server
+        import threading
+        manager = self
+        self.paths: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                manager.paths.append(self.path)
+                if self.path != f'{prefix}/api/v1/nni/experiment':
+                    self.send_error(404)
+                    return
+                body = json.dumps({'id': 'abc', 'params': {'trialConcurrency': concurrency}}).encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+        self.port = self.server.server_address[1]
+        self.channel = f'http://127.0.0.1:{self.port}{prefix}/env/envid/trialid'
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def trial_env(monkeypatch):
+    """Start a stand-in manager and make this process look like one of its local trials on 4 cores."""
+    from nni_darts_variants import speed
+    managers = []
+
+    def start(concurrency, prefix='', platform='local'):
+        manager = _Manager(concurrency, prefix)
+        managers.append(manager)
+        monkeypatch.setenv('NNI_PLATFORM', platform)
+        monkeypatch.setenv('NNI_TRIAL_COMMAND_CHANNEL', manager.channel)
+        return manager
+    monkeypatch.setattr(speed, 'cpu_cores', lambda: 4)
+    yield start
+    for manager in managers:
+        manager.close()
+
+
+@pytest.mark.parametrize('concurrency, prefix, expected', [(2, '', 2), (3, '', 1), (8, '', 1), (2, '/nni', 2),
+                                                           (1, '', None)])
+def test_auto_threads_divide_the_cores_among_the_concurrent_trials(trial_env, concurrency, prefix, expected):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(concurrency, prefix)
+    for threads in (None, 'auto'):
+        assert resolve_threads(threads, 'cpu') == expected
+    assert manager.paths == [f'{prefix}/api/v1/nni/experiment'] * 2
+    assert resolve_threads(3, 'cpu') == 3  # a number is kept
+
+
+def test_auto_threads_leave_torch_alone_off_cpu_outside_trials_and_off_local(trial_env, monkeypatch):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(2)
+    assert resolve_threads(None, 'gpu') is None
+    monkeypatch.setenv('NNI_PLATFORM', 'remote')  # the other trials run on other machines
+    assert resolve_threads(None, 'cpu') is None
+    monkeypatch.delenv('NNI_PLATFORM')
+    monkeypatch.delenv('NNI_TRIAL_COMMAND_CHANNEL')
+    assert resolve_threads(None, 'cpu') is None
+    assert manager.paths == []
+
+
+def test_auto_threads_warn_and_leave_torch_alone_when_the_manager_does_not_answer(trial_env, monkeypatch, caplog):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(2)
+    manager.close()
+    with caplog.at_level('WARNING', logger='nni_darts_variants.speed'):
+        assert resolve_threads('auto', 'cpu') is None
+    assert 'trialConcurrency' in caplog.text and 'train.threads' in caplog.text
+
+
+def test_apply_threads_sets_the_divided_count(trial_env):
+    from nni_darts_variants.speed import apply_threads
+    trial_env(4)
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(None, 'cpu') == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 

@@ -169,7 +169,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
     run_dir = run_dir_of(cfg, output)
-    apply_threads(cfg['train']['threads'])
+    apply_threads(cfg['train']['threads'], cfg['train']['accelerator'])
     pl.seed_everything(cfg['seed'], verbose=False)
     # Everything that can fail on bad input is built before the run folder is touched.
     data = _build_data(cfg)
