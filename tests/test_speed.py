@@ -330,3 +330,38 @@ def test_compile_keeps_the_module_names_and_the_forward():
     compiled = compile_supernet(net)
     assert compiled is net and list(net.state_dict()) == ['0.weight', '0.bias']
     torch.testing.assert_close(net(x), expected)
+
+
+TRIAL = '''import os, sys
+sys.path.insert(0, {repo!r})
+import nni
+from nni_darts_variants.speed import apply_threads
+nni.get_next_parameter()
+nni.report_final_result({{'default': 0.0, 'threads': apply_threads(None, 'cpu') or 0,
+                         'platform': os.environ.get('NNI_PLATFORM')}})
+'''
+
+
+@pytest.mark.slow
+def test_real_nnictl_trials_read_the_concurrency_from_their_manager(tmp_path):
+    """Two trials of a real local experiment with trialConcurrency 2: each sets cores // 2 threads (at least 1)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+    from test_nnictl import NNICTL, REPO, _metric, run_experiment
+    if not NNICTL.is_file():
+        pytest.skip('nnictl is not installed next to this Python')
+    trial = tmp_path / 'trial.py'
+    trial.write_text(TRIAL.format(repo=str(REPO)))
+    config = tmp_path / 'exp.yml'
+    config.write_text(yaml.safe_dump({
+        'experimentName': 'threads', 'searchSpace': {'x': {'_type': 'choice', '_value': [1, 2]}},
+        'trialCommand': f'python3 {trial}', 'trialCodeDirectory': str(REPO), 'trialConcurrency': 2,
+        'trialGpuNumber': 0, 'maxTrialNumber': 2, 'tuner': {'name': 'GridSearch'},
+        'trainingService': {'platform': 'local'}}))
+    result = run_experiment(Path(config), tmp_path)
+    finals = [_metric(m) for m in result['metrics'] if m['type'] == 'FINAL']
+    assert [t['status'] for t in result['trials']] == ['SUCCEEDED'] * 2, result
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [(f['threads'], f['platform']) for f in finals] == [(expected, 'local')] * 2
