@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .genotype import CELL_TYPES, Genotype
 from .atomic import atomic_write_json, atomic_write_text
+from .config import recipe_names
 from .counting import count_parameters
 from .figures import draw_cell, draw_heatmap, draw_history
 
@@ -29,11 +30,9 @@ _logger = logging.getLogger(__name__)
 
 #: Folder of the bundle inside the run folder.
 BUNDLE_DIR = 'bundle'
-#: The published retrain recipes, ``experiments/retrain/<name>.yml`` in the repository, that the retrain command
-#: may name (a list, not a path into the repository, so an installed package writes the same command; a test keeps
-#: it equal to the folder).
-RETRAIN_RECIPES = frozenset({'darts-cifar10', 'darts-imagenet', 'dropnas-cifar10', 'gdas-cifar10', 'mergenas-cifar10',
-                             'parsec-cifar10', 'pcdarts-cifar10', 'pcdarts-imagenet', 'pdarts-cifar10'})
+#: The shipped retrain recipes (``retrain/<name>.yml``, package data) that the retrain command may name; the command
+#: says ``experiments/retrain/<name>.yml``, which runs in a checkout and, as a recipe name, wherever it is installed.
+RETRAIN_RECIPES = frozenset(Path(name).stem for name in recipe_names('retrain'))
 
 
 # ----- size of the derived network -----

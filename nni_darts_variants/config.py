@@ -3,20 +3,76 @@
 A config is a nested mapping. Every section is checked against a schema of defaults, so a typo fails at once with
 the bad key named and the valid ones listed. Errors are :class:`ConfigError` (a ``ValueError``) with one line that
 names the problem and the fix.
+
+The recipes of the repository's ``experiments/`` folder are package data (``setup.py`` maps the folder to
+``nni_darts_variants/recipes``): wherever a YAML path is taken, a recipe name such as
+``cifar10/search/darts-1st.yml`` (relative to :func:`recipe_root`, optionally with the ``experiments/`` prefix) works
+too, installed or not.
 """
 from __future__ import annotations
 
 import copy
+import difflib
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
-__all__ = ['ConfigError', 'load_yaml', 'apply_overrides', 'set_dotted', 'merge', 'check_schema']
+__all__ = ['ConfigError', 'recipe_root', 'recipe_names', 'find_recipe', 'load_yaml', 'apply_overrides', 'set_dotted',
+           'merge', 'check_schema']
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the fix."""
+
+
+#: The package and folder that hold the shipped recipes in an installed distribution.
+RECIPE_PACKAGE, RECIPE_FOLDER = 'nni_darts_variants', 'recipes'
+#: The folder a recipe name may start with: the recipes' place in the repository (what the README's commands name).
+CHECKOUT_FOLDER = 'experiments'
+
+
+def recipe_root() -> Path:
+    """The folder of the shipped recipes.
+
+    Installed (a wheel, or any install that ran the build), it is the package data ``nni_darts_variants/recipes``
+    found through :mod:`importlib.resources`. A source checkout used without a build (``PYTHONPATH``, or an editable
+    install, whose finder maps packages, not data folders) has no such folder: there the same files are the
+    checkout's ``experiments/``, beside the package.
+    """
+    installed = package_files(RECIPE_PACKAGE) / RECIPE_FOLDER
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / CHECKOUT_FOLDER
+
+
+def recipe_names(folder: str = '') -> list[str]:
+    """Sorted names (``/``-separated, relative to :func:`recipe_root`) of the shipped ``*.yml`` recipes under
+    ``folder`` (e.g. ``'retrain'``)."""
+    root = recipe_root()
+    return sorted(p.relative_to(root).as_posix() for p in (root / folder).rglob('*.yml'))
+
+
+def find_recipe(name: str | Path) -> Path:
+    """The file of a config: ``name`` itself when it is a file, else the shipped recipe of that name.
+
+    A recipe name is relative to :func:`recipe_root` (``cifar10/search/darts-1st.yml``), with or without the leading
+    ``experiments/`` of the repository, so a command from the README runs from any folder once the package is
+    installed. A path that names an existing file always wins over a recipe of the same name.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == (CHECKOUT_FOLDER,) else path.parts
+    if parts and not path.is_absolute() and '..' not in parts:
+        candidate = recipe_root().joinpath(*parts)
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches('/'.join(parts), recipe_names(), n=1, cutoff=0.6) if parts else []
+    hint = f' (did you mean the recipe {close[0]}?)' if close else ''
+    raise ConfigError(f'config file {name} not found, neither as a path nor as a shipped recipe{hint}; give the '
+                      'path of a YAML file or a recipe name such as cifar10/search/darts-1st.yml')
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -39,11 +95,12 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 def load_yaml(path: str | Path, resolve_base: bool = True, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping; a missing file, bad syntax or a non-mapping is a :class:`ConfigError`.
 
-    A top-level ``base:`` (a path, or a list of paths, relative to the file) makes the file a delta: the bases are
-    loaded first (they may have bases of their own), merged in order with :func:`merge`, and the file's own keys
-    are merged over them. ``resolve_base=False`` returns the file as written.
+    ``path`` is a file or a shipped recipe's name (:func:`find_recipe`). A top-level ``base:`` (a path, or a list
+    of paths, relative to the file) makes the file a delta: the bases are loaded first (they may have bases of their
+    own), merged in order with :func:`merge`, and the file's own keys are merged over them. ``resolve_base=False``
+    returns the file as written.
     """
-    path = Path(path)
+    path = Path(path) if _chain else find_recipe(path)
     data = _read_mapping(path)
     if not resolve_base or 'base' not in data:
         return data

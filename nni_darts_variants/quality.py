@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ['PROTOCOLS', 'QUALITY_ROWS', 'QualityConfig', 'format_quality_table', 'quality_main', 'run_quality']
+__all__ = ['PROTOCOLS', 'quality_rows', 'VARIANT_ROWS', 'NNI_ROWS', 'QualityConfig', 'format_quality_table', 'quality_main', 'run_quality']
 
 _logger = logging.getLogger(__name__)
 
@@ -75,23 +75,28 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Rows: name -> (builder kind, strategy name or NNI class, fixed arguments).
-QUALITY_ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    'darts': ('ours', 'darts', {'order': 1}),
-    'darts-2nd': ('ours', 'darts', {'order': 2}),
-    'pcdarts': ('ours', 'pcdarts', {}),
-    'gdas': ('ours', 'gdas', {}),
-    'proxyless': ('ours', 'proxyless', {}),
-    'parsec': ('ours', 'parsec', {}),
-    'pdarts': ('ours', 'pdarts', {}),
-    'mergenas': ('ours', 'mergenas', {}),
-    'dropnas': ('ours', 'dropnas', {}),
-    'snas': ('ours', 'snas', {}),
-    'nni-DARTS': ('nni', 'DARTS', {}),
-    'nni-GumbelDARTS': ('nni', 'GumbelDARTS', {}),
-    'nni-RandomOneShot': ('nni', 'RandomOneShot', {}),
-    'nni-ENAS': ('nni', 'ENAS', {}),
-}
+#: Rows beyond one per registered strategy: name -> (strategy, fixed arguments). DARTS is scored in both orders.
+VARIANT_ROWS: dict[str, tuple[str, dict[str, Any]]] = {'darts-2nd': ('darts', {'order': 2})}
+#: Fixed arguments of a strategy's own row (first-order DARTS, said explicitly beside ``darts-2nd``).
+ROW_ARGUMENTS: dict[str, dict[str, Any]] = {'darts': {'order': 1}}
+#: NNI's own one-shot strategies (classes of ``nni.nas.strategy``), each a row ``nni-<class>``.
+NNI_ROWS = ('DARTS', 'GumbelDARTS', 'RandomOneShot', 'ENAS')
+
+
+def quality_rows() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Rows: name -> (builder kind, strategy name or NNI class, fixed arguments).
+
+    One row per strategy of :func:`~nni_darts_variants.registry.list_strategies` (a newly registered strategy gets
+    its row without an edit here), each followed by its :data:`VARIANT_ROWS`, then NNI's :data:`NNI_ROWS`.
+    """
+    from .registry import list_strategies
+    rows: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    for name in list_strategies():
+        rows[name] = ('ours', name, dict(ROW_ARGUMENTS.get(name, {})))
+        rows.update((row, ('ours', name, dict(args))) for row, (of, args) in VARIANT_ROWS.items() if of == name)
+    rows.update((f'nni-{cls}', ('nni', cls, {})) for cls in NNI_ROWS)
+    return rows
+
 
 #: Which NNI strategies take an architecture learning rate.
 _NNI_ARCH = {'DARTS', 'GumbelDARTS'}
@@ -111,9 +116,10 @@ class QualityConfig:
     def check(self) -> QualityConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f'unknown protocol {self.protocol!r}; valid protocols: {", ".join(PROTOCOLS)}')
-        unknown = [r for r in self.rows or () if r not in QUALITY_ROWS]
+        rows = quality_rows()
+        unknown = [r for r in self.rows or () if r not in rows]
         if unknown:
-            raise ValueError(f'unknown row(s) {unknown}; valid rows: {", ".join(QUALITY_ROWS)}')
+            raise ValueError(f'unknown row(s) {unknown}; valid rows: {", ".join(rows)}')
         if not self.seeds:
             raise ValueError('--seeds is empty; give e.g. 0,1,2')
         return self
@@ -150,7 +156,7 @@ def _loaders(settings: dict[str, Any], seed: int) -> tuple[Any, Any, int]:
 
 def build_row_strategy(row: str, settings: dict[str, Any]) -> Any:
     """The strategy object of a row under a protocol."""
-    kind, name, fixed = QUALITY_ROWS[row]
+    kind, name, fixed = quality_rows()[row]
     arch = settings['arch']
     if kind == 'ours':
         from .registry import create_strategy
@@ -240,13 +246,14 @@ def run_one(row: str, seed: int, settings: dict[str, Any], loaders: tuple[Any, A
     pl.seed_everything(seed, verbose=False)
     train_loader, val_loader, num_classes = loaders
     strategy = build_row_strategy(row, settings)
-    epochs = settings['epochs_rows'].get(row) or settings['epochs'].get(QUALITY_ROWS[row][1]) or \
+    strategy_name = quality_rows()[row][1]
+    epochs = settings['epochs_rows'].get(row) or settings['epochs'].get(strategy_name) or \
         settings['train']['max_epochs']
     t = settings['train']
     from .strategies.base import DartsVariant  # NNI's built-in rows have no schedule hook
     schedule_epochs = strategy.schedule_epochs(epochs) if isinstance(strategy, DartsVariant) else epochs
     # DropNAS applies its own partial weight decay; the evaluator's optimizer must not decay again.
-    weight_decay = 0.0 if QUALITY_ROWS[row][1] == 'dropnas' else t['weight_decay']
+    weight_decay = 0.0 if strategy_name == 'dropnas' else t['weight_decay']
     module = SearchClassification(learning_rate=t['learning_rate'], learning_rate_min=t['learning_rate_min'],
                                   momentum=t['momentum'], weight_decay=weight_decay, nesterov=t['nesterov'],
                                   num_classes=num_classes, max_epochs=schedule_epochs)
@@ -303,7 +310,7 @@ def run_quality(cfg: QualityConfig, progress: Callable[[str], None] | None = Non
     cfg.check()
     settings = cfg.protocol_settings()
     table = NasBench201Table(cfg.table)
-    rows = list(cfg.rows or QUALITY_ROWS)
+    rows = list(cfg.rows or quality_rows())
     if settings['data']['name'] != 'cifar10':
         torch.set_num_threads(1)
     total, done = len(rows) * len(cfg.seeds), 0
@@ -372,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add('--protocol', default='cpu', help=f'settings: {", ".join(PROTOCOLS)} (cpu)')
     add('--seeds', default='0,1,2', help='comma-separated seeds (0,1,2)')
-    add('--strategies', nargs='+', metavar='ROW', help=f'rows to run (default all: {", ".join(QUALITY_ROWS)})')
+    add('--strategies', nargs='+', metavar='ROW', help=f'rows to run (default all: {", ".join(quality_rows())})')
     add('--data-root', help='dataset folder (cpu: the CIFAR-10 slice; paper: CIFAR-10)')
     add('--table', help='a CSV arch,cifar10_test (default: the table shipped with the package)')
     add('--json', metavar='FILE', help='also write the whole report as JSON to FILE (updated after every search)')

@@ -1,4 +1,5 @@
-"""Synthetic learnable images: the one builder behind ``data.name=synthetic`` and the tests' tiny data."""
+"""Synthetic learnable images: the one builder behind the search's ``data.name=synthetic``, the retrain's
+``data.source=synthetic`` and the tests' tiny data."""
 from __future__ import annotations
 
 import torch

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .synthetic import learnable_images
 
 __all__ = ['tiny_space', 'tiny_dataset', 'tiny_loaders', 'tiny_evaluator', 'run_tiny_search', 'TinySearch',
-           'quick_kwargs', 'ArchSnapshot']
+           'ArchSnapshot']
 
 
 def tiny_space(width: int = 8, num_cells: int = 3, num_nodes: int = 4, **kwargs: Any):
@@ -50,11 +50,6 @@ def tiny_evaluator(max_epochs: int = 1, num_classes: int = 10, callbacks: list |
     return Classification(train_dataloaders=train, val_dataloaders=val, max_epochs=max_epochs,
                           num_classes=num_classes, learning_rate=learning_rate, optimizer=torch.optim.SGD,
                           callbacks=callbacks or [], **trainer)
-
-
-def quick_kwargs(strategy_class: type) -> dict[str, Any]:
-    """Keyword arguments for a one-epoch smoke search of ``strategy_class`` (its ``smoke_kwargs`` hook)."""
-    return dict(strategy_class.smoke_kwargs())
 
 
 class ArchSnapshot:

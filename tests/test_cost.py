@@ -21,7 +21,7 @@ from nni_darts_variants.cost.penalty import add_linear, mul_log
 from nni_darts_variants.registry import create_strategy, get_strategy, list_strategies
 from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
 from nni_darts_variants.strategies.proxyless import ProxylessEdge
-from nni_darts_variants.testing import quick_kwargs, run_tiny_search, tiny_loaders, tiny_space
+from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
 from search_spaces import ProxylessSpace
 
 X_DIGITS = torch.randn(1, 1, 8, 8)
@@ -172,7 +172,7 @@ def test_cost_and_penalty_together_are_refused():
 @pytest.mark.parametrize('name', sorted(list_strategies()))
 def test_alpha_gets_gradient_from_the_cost_term(name, darts_flops_table):
     torch.manual_seed(0)
-    strategy = create_strategy(name, **quick_kwargs(get_strategy(name)))
+    strategy = create_strategy(name, **get_strategy(name).smoke_kwargs())
     table = darts_flops_table
     model = strategy.mutate_model(tiny_space())
     edges = {m.label: m for m in model.modules() if isinstance(m, MixedEdge) and m.label in table.costs}
@@ -212,7 +212,7 @@ def test_proxyless_two_path_cost_probabilities_are_the_official_current_prob_ove
 
 def _search_with_cost(name: str, weight: float, epochs: int = 2):
     cost = {'metric': 'flops', 'target_mflops': 1, 'form': 'add#linear', 'lambda': weight}
-    strategy = create_strategy(name, **quick_kwargs(get_strategy(name)), cost=cost)
+    strategy = create_strategy(name, **get_strategy(name).smoke_kwargs(), cost=cost)
     result = run_tiny_search(strategy, max_epochs=1 if name == 'pdarts' else epochs)
     table = strategy.penalty.table
     probs = strategy.oneshot_module.export_probs()

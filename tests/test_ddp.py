@@ -28,7 +28,6 @@ from nni_darts_variants.distributed import lightning_strategy
 from nni_darts_variants.genotype import Genotype
 from nni_darts_variants.registry import get_strategy
 from nni_darts_variants.search import resolve_config
-from nni_darts_variants.testing import quick_kwargs
 
 SCRIPT = textwrap.dedent('''
     """Runs on every rank: one tiny DDP search per case, each rank dumps what it saw to OUT/<case>-rank<r>.json."""
@@ -101,7 +100,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def tiny_ddp_config(name: str, **extra_args) -> dict:
-    args = {**quick_kwargs(get_strategy(name)), **extra_args}
+    args = {**get_strategy(name).smoke_kwargs(), **extra_args}
     if 'epochs_per_stage' in args:  # P-DARTS: one stage over the two epochs
         args['epochs_per_stage'] = 2
     return {'seed': 3, 'strategy': {'name': name, 'args': args},

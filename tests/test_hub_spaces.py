@@ -17,7 +17,7 @@ from nni_darts_variants.registry import (
     get_strategy,
     list_strategies,
 )
-from nni_darts_variants.testing import quick_kwargs, run_tiny_search, tiny_loaders
+from nni_darts_variants.testing import run_tiny_search, tiny_loaders
 
 hub = pytest.importorskip('nni.nas.hub.pytorch')
 
@@ -65,7 +65,7 @@ def _case(strategy: str, space: str) -> object:
 
 
 def _search(strategy: str, space: nn.Module, size: int):
-    return run_tiny_search(create_strategy(strategy, **quick_kwargs(get_strategy(strategy))), space=space,
+    return run_tiny_search(create_strategy(strategy, **get_strategy(strategy).smoke_kwargs()), space=space,
                            loaders=tiny_loaders(n=16, channels=3, size=size))
 
 
@@ -258,7 +258,7 @@ def test_nni_tutorial_searching_in_darts_space(strategy: str, tmp_path) -> None:
     evaluator = Classification(learning_rate=1e-3, weight_decay=1e-4, train_dataloaders=train_loader,
                                val_dataloaders=valid_loader, max_epochs=1, num_classes=10, accelerator='cpu',
                                enable_progress_bar=False, logger=False, enable_checkpointing=False)
-    strategy_ = create_strategy(strategy, **quick_kwargs(get_strategy(strategy)))
+    strategy_ = create_strategy(strategy, **get_strategy(strategy).smoke_kwargs())
     experiment = NasExperiment(model_space, evaluator, strategy_)
     experiment.config.experiment_working_directory = str(tmp_path)
     experiment.run()

@@ -187,8 +187,7 @@ def _tiny_nb201(**kwargs):
 
 def _strategy_kwargs(name):
     from nni_darts_variants.registry import get_strategy
-    from nni_darts_variants.testing import quick_kwargs
-    kwargs = quick_kwargs(get_strategy(name))
+    kwargs = get_strategy(name).smoke_kwargs()
     if name == 'pdarts':  # fixed depth: 1 cell per stage in every stage
         kwargs['stage_cells'] = (1,)
     return kwargs
@@ -343,14 +342,14 @@ def test_recipes_resolve_with_the_official_settings(path):
     assert d['batch_size'] == 64 and d['train_portion'] == 0.5
     assert t['weight_decay'] == (0.0 if cfg['strategy']['name'] == 'dropnas' else 5e-4)
     if path.parent.name == 'cpu':  # the recipes repeat the benchmark's cpu protocol: they must agree
-        from nni_darts_variants.quality import PROTOCOLS, QUALITY_ROWS
+        from nni_darts_variants.quality import PROTOCOLS, quality_rows
         protocol = PROTOCOLS['cpu']
         assert cfg['space']['args'] == {**protocol['space'], 'affine': False, 'track_running_stats': False}
         assert {k: d[k] for k in ('image_size', 'limit', 'batch_size')} == \
             {k: protocol['data'][k] for k in ('image_size', 'limit', 'batch_size')}
         row = {'darts-1st': 'darts', 'darts-2nd': 'darts-2nd'}.get(path.stem, path.stem)
         assert t['max_epochs'] == protocol['epochs_rows'].get(row, protocol['train']['max_epochs'])
-        expected = {**protocol['arch'], **QUALITY_ROWS[row][2], **protocol['rows'].get(row, {})}
+        expected = {**protocol['arch'], **quality_rows()[row][2], **protocol['rows'].get(row, {})}
         if cfg['strategy']['name'] == 'dropnas':  # DropNAS decays the alphas itself
             del expected['arc_weight_decay']
         args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg['strategy']['args'].items()}

@@ -148,8 +148,7 @@ def tiny_search(tmp_path, strategy):
 
 def test_one_step_with_our_proxyless(tmp_path):
     from nni_darts_variants.registry import create_strategy, get_strategy
-    from nni_darts_variants.testing import quick_kwargs
-    strategy = create_strategy('proxyless', **quick_kwargs(get_strategy('proxyless')))
+    strategy = create_strategy('proxyless', **get_strategy('proxyless').smoke_kwargs())
     tiny_search(tmp_path, strategy)
 
 

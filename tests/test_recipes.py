@@ -147,3 +147,116 @@ def test_bad_base_is_one_line_error(tmp_path, files, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_yaml(tmp_path / 'x.yml')
     assert '\n' not in str(err.value)
+
+
+# ----- recipes as package data -----
+def _repo_recipe_names() -> list[str]:
+    return sorted(p.relative_to(EXPERIMENTS).as_posix() for p in EXPERIMENTS.rglob('*.yml'))
+
+
+def test_checkout_recipe_root_is_the_experiments_folder():
+    from nni_darts_variants.config import recipe_names, recipe_root
+    assert recipe_root() == EXPERIMENTS  # PYTHONPATH checkout: no built package data
+    assert recipe_names() == _repo_recipe_names()
+    assert recipe_names('retrain') == sorted(f'retrain/{p.name}' for p in (EXPERIMENTS / 'retrain').glob('*.yml'))
+
+
+def test_recipe_name_resolves_from_any_folder(tmp_path):
+    """The tests run in a temporary folder: ``cifar10/search/darts-1st.yml`` is not a file there, so it is the
+    shipped recipe, with or without the README's ``experiments/`` prefix; a local file of that name wins."""
+    from nni_darts_variants.config import find_recipe, load_yaml
+    assert Path.cwd() == tmp_path
+    expected = EXPERIMENTS / 'cifar10' / 'search' / 'darts-1st.yml'
+    assert find_recipe('cifar10/search/darts-1st.yml') == expected
+    assert find_recipe('experiments/cifar10/search/darts-1st.yml') == expected
+    assert load_yaml('cifar10/search/darts-1st.yml') == load_yaml(expected)
+    (tmp_path / 'cifar10' / 'search').mkdir(parents=True)
+    (tmp_path / 'cifar10' / 'search' / 'darts-1st.yml').write_text('seed: 5\n')
+    assert load_yaml('cifar10/search/darts-1st.yml') == {'seed': 5}
+
+
+@pytest.mark.parametrize('name, hint', [('cifar10/search/drats-1st.yml', 'did you mean the recipe '
+                                         'cifar10/search/darts-1st.yml'), ('no/such.yml', 'neither as a path'),
+                                        ('../experiments/cifar10/search/darts-1st.yml', 'neither as a path')])
+def test_unknown_recipe_name_is_one_line_error(name, hint):
+    from nni_darts_variants.config import ConfigError, load_yaml
+    with pytest.raises(ConfigError, match=hint) as err:
+        load_yaml(name)
+    assert '\n' not in str(err.value) and 'such as cifar10/search/darts-1st.yml' in str(err.value)
+
+
+def test_search_and_retrain_take_recipe_names():
+    from nni_darts_variants.retrain import resolve_config as retrain_config
+    from nni_darts_variants.search import resolve_config
+    assert resolve_config('imagenet/search/pcdarts.yml') == resolve_config(EXPERIMENTS / 'imagenet/search/pcdarts.yml')
+    assert retrain_config('experiments/retrain/pcdarts-imagenet.yml') == \
+        retrain_config(EXPERIMENTS / 'retrain' / 'pcdarts-imagenet.yml')
+
+
+def test_installed_package_data_is_preferred(tmp_path, monkeypatch):
+    """Where the package carries ``recipes/`` (an installed wheel), names and ``base:`` chains resolve there."""
+    from nni_darts_variants import config
+    package = tmp_path / 'site' / 'nni_darts_variants'
+    (package / 'recipes' / 'common').mkdir(parents=True)
+    (package / 'recipes' / 'x' / 'search').mkdir(parents=True)
+    (package / 'recipes' / 'common' / 'c.yml').write_text('train: {max_epochs: 7}\nseed: 2\n')
+    (package / 'recipes' / 'x' / 'search' / 'r.yml').write_text('base: ../../common/c.yml\nseed: 3\n')
+    monkeypatch.setattr(config, 'package_files', lambda name: package if name == 'nni_darts_variants' else None)
+    assert config.recipe_root() == package / 'recipes'
+    assert config.recipe_names() == ['common/c.yml', 'x/search/r.yml']
+    assert config.load_yaml('x/search/r.yml') == {'train': {'max_epochs': 7}, 'seed': 3}
+
+
+def test_setup_maps_experiments_to_the_recipes_package(monkeypatch):
+    """setup.py's discovery: every code package (a folder with ``__init__.py``) and every folder of recipes."""
+    import runpy
+
+    import setuptools
+    captured = {}
+    monkeypatch.setattr(setuptools, 'setup', lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / 'setup.py'))
+    code = {'.'.join(p.parent.relative_to(REPO).parts) for top in ('nni_darts_variants', 'search_spaces')
+            for p in (REPO / top).rglob('__init__.py')}
+    folders = {'.'.join(('nni_darts_variants', 'recipes') + p.parent.relative_to(EXPERIMENTS).parts)
+               for p in EXPERIMENTS.rglob('*.yml')}
+    assert code | folders <= set(captured['packages'])
+    assert not [p for p in captured['packages'] if '__pycache__' in p]
+    assert captured['package_dir'] == {'nni_darts_variants.recipes': 'experiments'}
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_recipes_and_an_install_resolves_them_by_name(tmp_path):
+    """Build a wheel from a copy of the repository (no network, no build isolation), check it holds every recipe,
+    install it into a bare folder and resolve recipes by name from a third folder."""
+    import os
+    import shutil
+    import subprocess
+    import zipfile
+    source = tmp_path / 'src'
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns('.git', 'build', '*.egg-info', '__pycache__', 'dist'))
+    pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+    subprocess.run(pip + ['wheel', '--no-deps', '--no-build-isolation', '--no-index', '-w', str(tmp_path / 'w'),
+                          str(source)], check=True, capture_output=True, timeout=600)
+    wheel, = (tmp_path / 'w').glob('*.whl')
+    names = zipfile.ZipFile(wheel).namelist()
+    prefix = 'nni_darts_variants/recipes/'
+    assert sorted(n[len(prefix):] for n in names if n.startswith(prefix) and n.endswith('.yml')) == \
+        _repo_recipe_names()
+    subprocess.run(pip + ['install', '--no-deps', '--no-index', '--target', str(tmp_path / 'site'), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    code = ('import json, nni_darts_variants.config as c; from nni_darts_variants.search import resolve_config;'
+            'from nni_darts_variants.bundle import RETRAIN_RECIPES;'
+            'print(json.dumps({"root": str(c.recipe_root()), "names": c.recipe_names(), "retrain": sorted(RETRAIN_RECIPES),'
+            '"cfg": resolve_config("cifar10/search/pdarts.yml")}, default=str))')
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path / 'site')}
+    out = subprocess.run([sys.executable, '-c', code], cwd=elsewhere, env=env, check=True, capture_output=True,
+                         text=True, timeout=600).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got['root'] == str(tmp_path / 'site' / 'nni_darts_variants' / 'recipes')
+    assert got['names'] == _repo_recipe_names()
+    assert got['retrain'] == sorted(p.stem for p in (EXPERIMENTS / 'retrain').glob('*.yml'))
+    from nni_darts_variants.search import resolve_config
+    assert got['cfg'] == json.loads(json.dumps(resolve_config(EXPERIMENTS / 'cifar10/search/pdarts.yml'), default=str))

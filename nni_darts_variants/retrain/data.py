@@ -1,4 +1,5 @@
-"""Datasets for retraining: CIFAR-10 (torchvision), an ImageFolder tree (CIFAR-style or ImageNet), synthetic images.
+"""Datasets for retraining: CIFAR-10 (torchvision), an ImageFolder tree (CIFAR-style or ImageNet), synthetic images
+(:func:`nni_darts_variants.synthetic.learnable_images`, the same builder as the search's ``data.name=synthetic``).
 
 Augmentation follows the official evaluation scripts: CIFAR -- random crop 32 with padding 4, horizontal flip,
 normalization, then cutout (DARTS ``utils._data_transforms_cifar10``); ImageNet -- random resized crop 224, flip,
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..data import random_subset
+from ..synthetic import learnable_images
 
-__all__ = ['Cutout', 'build_datasets', 'synthetic_images']
+__all__ = ['Cutout', 'build_datasets']
 
 CIFAR_MEAN, CIFAR_STD = (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -57,14 +59,6 @@ def _transforms(network: str, image_size: int, cutout: int) -> tuple[Any, Any]:
     return T.Compose(train), T.Compose(test)
 
 
-def synthetic_images(size: int, num_classes: int, image_size: int, seed: int, split: int = 0) -> TensorDataset:
-    """Learnable random images: a random pattern per class (fixed by ``seed``) plus noise (differs per ``split``)."""
-    prototypes = torch.randn(num_classes, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    labels = torch.arange(size) % num_classes
-    noise = torch.randn(size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed + 1 + split))
-    return TensorDataset(prototypes[labels] + 0.8 * noise, labels)
-
-
 def _cifar10(data: dict[str, Any], train_tf: Any, test_tf: Any) -> tuple[Dataset, Dataset, int]:
     from torchvision.datasets import CIFAR10
     root = Path(data['root']).expanduser()
@@ -95,8 +89,9 @@ def build_datasets(config: dict[str, Any]) -> tuple[Dataset, Dataset, int]:
     if data['source'] == 'synthetic':
         classes = config['model']['num_classes'] or 10
         size = data['synthetic_size']
-        train = synthetic_images(size, classes, data['image_size'], seed)
-        test = synthetic_images(max(size // 4, 1), classes, data['image_size'], seed, split=1)
+        shape = {'channels': 3, 'size': data['image_size'], 'num_classes': classes}
+        train = learnable_images(size, seed=seed, **shape)
+        test = learnable_images(max(size // 4, 1), seed=seed + 1, **shape)
     else:
         train_tf, test_tf = _transforms(network, data['image_size'], data['cutout'])
         loader = _cifar10 if data['source'] == 'cifar10' else _image_folder

@@ -13,11 +13,14 @@ PC-DARTS, P-DARTS and DropNAS reuse:
   output of cell ``2 * layers // 3``;
 * ``network='cifar'``: stem conv3x3 3 -> 3C + BN; ``network='imagenet'``: the mobile stem (two stride-2 convs, then
   a third stride-2 conv), the first cell treats its inputs as coming after a reduction.
+
+:func:`build_network` builds what a :class:`~.target.RetrainTarget` names: this network for a genotype, or
+``space.freeze(sample)`` of the searched space (ProxylessNAS, NAS-Bench-201, NNI hub spaces) for RGB inputs.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,7 +30,7 @@ from ..counting import count_parameters as _count_parameters
 from search_spaces.ops import OPS, FactorizedReduce, ReLUConvBN, build_op
 
 __all__ = ['EvalNetwork', 'EvalCell', 'AuxiliaryHead', 'drop_path', 'validate_genotype', 'count_parameters',
-           'NETWORKS']
+           'NETWORKS', 'build_network', 'frozen_space_network', 'parameter_groups']
 
 NETWORKS = ('cifar', 'imagenet')
 
@@ -202,3 +205,49 @@ class EvalNetwork(nn.Module):
 
 #: Number of parameters; like the official ``count_parameters_in_MB``, the auxiliary head is left out by default.
 count_parameters = functools.partial(_count_parameters, include_auxiliary=False)
+
+
+def frozen_space_network(space: Mapping[str, Any], sample: Mapping[str, Any], *, num_classes: int,
+                         in_channels: int = 3, dataset_hint: str | None = None,
+                         space_args: Mapping[str, Any] | None = None) -> nn.Module:
+    """``space.freeze(sample)`` of the space ``{'name', 'args'}`` (as in a search config), rebuilt for
+    ``in_channels`` x ``num_classes`` data; ``space_args`` override the searched arguments (e.g. the ProxylessNAS
+    ``dataset`` preset and ``dropout`` of a retrain recipe). A sample the space cannot take is a one-line
+    ``ValueError``."""
+    from ..registry import build_space
+    args = {**dict(space.get('args') or {}), **dict(space_args or {})}
+    model_space = build_space(space['name'], in_channels=in_channels, num_classes=num_classes,
+                              dataset_hint=dataset_hint, **args)
+    try:
+        return model_space.freeze(dict(sample))
+    except (KeyError, ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f'the sample does not freeze space {space["name"]!r} ({message}); give the sample.json of '
+                         'a search in that space') from None
+
+
+def build_network(target: Any, model: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """The network to retrain for a :class:`~.target.RetrainTarget` and the ``model`` section of a retrain config.
+
+    A genotype gives :class:`EvalNetwork` (``channels``, ``layers``, ``auxiliary_weight > 0``, ``network``); another
+    space gives :func:`frozen_space_network` for RGB data, with ``model.space_args`` on top of the searched arguments
+    and the dataset preset of ``model.network`` (``cifar10`` or ``imagenet``) where the search named none.
+    """
+    if target.genotype is not None:
+        return EvalNetwork(target.genotype, channels=model['channels'], layers=model['layers'],
+                           num_classes=num_classes, auxiliary=model['auxiliary_weight'] > 0, network=model['network'])
+    hint = 'imagenet' if model['network'] == 'imagenet' else 'cifar10'
+    return frozen_space_network(target.space, target.sample, num_classes=num_classes, dataset_hint=hint,
+                                space_args=model.get('space_args'))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, weight_decay_bn: bool = True) -> list[dict[str, Any]]:
+    """SGD parameter groups: all parameters with ``weight_decay``, or, with ``weight_decay_bn=False``, the
+    batch-norm weights and biases in a group without decay (ProxylessNAS' ``no_decay_keys='bn'``)."""
+    norm = [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)]
+    if weight_decay_bn or not norm:
+        return [{'params': list(model.parameters()), 'weight_decay': weight_decay}]
+    ids = {id(p) for p in norm}
+    rest: Iterable[nn.Parameter] = [p for p in model.parameters() if id(p) not in ids]
+    return [{'params': list(rest), 'weight_decay': weight_decay}, {'params': norm, 'weight_decay': 0.0}]

@@ -99,7 +99,7 @@ def get_preset(name: str) -> Genotype:
         When ``name`` is no preset (the message lists the valid names).
     """
     wanted = _normalize(name)
-    wanted = _ALIASES.get(wanted, wanted)
+    wanted = _normalize(_ALIASES.get(wanted, wanted))
     for key, data in PRESETS.items():
         if _normalize(key) == wanted:
             return Genotype.from_dict(data)

@@ -4,6 +4,11 @@ The defaults are the evaluation protocol of DARTS (Liu et al., ICLR 2019; ``cnn/
 auxiliary head weight 0.4, drop-path 0.2 ramped linearly, cutout 16, SGD lr 0.025 momentum 0.9 weight decay 3e-4,
 cosine to 0 over 600 epochs, gradient clipping 5, batch 96. Recipe YAMLs (``experiments/retrain/*.yml``) hold only
 what differs, e.g. the ImageNet mobile setting or a variant's drop-path.
+
+A target in another space than DARTS (a ProxylessNAS, NAS-Bench-201 or NNI hub-space run folder) is retrained as
+``space.freeze(sample)``: ``model.channels``, ``model.layers`` do not apply, ``model.space_args`` override the
+searched space arguments, and the auxiliary head and drop-path (DARTS evaluation-network features) must be off
+(``experiments/retrain/proxylessnas-imagenet.yml``, ``nasbench201-cifar10.yml``); :func:`check_target` says so.
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ from typing import Any, Iterable
 from ..config import ConfigError, apply_overrides, check_schema, load_yaml, merge
 from .network import NETWORKS
 
-__all__ = ['DEFAULTS', 'resolve_config', 'lr_factor', 'SCHEDULES', 'SOURCES']
+__all__ = ['DEFAULTS', 'resolve_config', 'check_target', 'lr_factor', 'SCHEDULES', 'SOURCES', 'OPEN_SECTIONS']
 
 SCHEDULES = ('cosine', 'step', 'linear')
 SOURCES = ('cifar10', 'imagefolder', 'synthetic')
 LOGGERS = ('csv', 'tensorboard', 'both')
+#: Sections whose keys are free (checked by the space they go to).
+OPEN_SECTIONS = ('model.space_args',)
 
 #: Every key a retrain config may set, with the DARTS CIFAR-10 recipe as values.
 DEFAULTS: dict[str, Any] = {
@@ -29,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         'num_classes': None,         # None: taken from the data
         'auxiliary_weight': 0.4,     # 0 disables the auxiliary head
         'drop_path_prob': 0.2,       # final value of the linear ramp drop_path_prob * epoch / epochs
+        'space_args': {},            # other spaces than DARTS: override the searched space arguments
     },
     'data': {
         'source': 'cifar10',         # cifar10 (torchvision) | imagefolder (root/train, root/test) | synthetic
@@ -49,7 +57,9 @@ DEFAULTS: dict[str, Any] = {
         'eval_batch_size': 0,        # 0: same as batch_size
         'lr': 0.025,
         'momentum': 0.9,
+        'nesterov': False,
         'weight_decay': 3e-4,
+        'weight_decay_bn': True,     # false: no weight decay on batch-norm weights and biases (ProxylessNAS)
         'schedule': 'cosine',        # cosine (to lr_min) | step (gamma per epoch) | linear (PC-DARTS ImageNet)
         'lr_min': 0.0,
         'gamma': 0.97,
@@ -104,6 +114,8 @@ def _validate(config: dict[str, Any]) -> dict[str, Any]:
                        'train.stop_after_epochs'], allow_zero=True)
     if not 0 <= config['model']['drop_path_prob'] < 1:
         raise ConfigError(f'model.drop_path_prob must be in [0, 1), got {config["model"]["drop_path_prob"]}')
+    if config['train']['nesterov'] and config['train']['momentum'] <= 0:
+        raise ConfigError('train.nesterov=true needs train.momentum > 0')
     if config['train']['schedule'] == 'linear' and config['train']['epochs'] <= 5:
         raise ConfigError('train.schedule=linear needs train.epochs > 5 (its last 5 epochs decay on a flatter slope)')
     classes = config['model']['num_classes']
@@ -124,7 +136,22 @@ def resolve_config(config_path: str | Path | None = None, overrides: Iterable[st
     if config_path is not None:
         config = merge(config, load_yaml(config_path))
     config = apply_overrides(config, overrides)
-    return _validate(check_schema(config, DEFAULTS))
+    return _validate(check_schema(config, DEFAULTS, open_sections=OPEN_SECTIONS))
+
+
+def check_target(config: dict[str, Any], target: Any) -> None:
+    """Reject a config that does not fit the :class:`~.target.RetrainTarget` (one-line :class:`ConfigError`)."""
+    model = config['model']
+    if target.genotype is not None:
+        if model['space_args']:
+            raise ConfigError(f'model.space_args {model["space_args"]} apply only to run folders of other spaces than '
+                              'DARTS; a genotype takes model.channels and model.layers; remove model.space_args')
+        return
+    for key in ('auxiliary_weight', 'drop_path_prob'):
+        if model[key] > 0:
+            raise ConfigError(f'model.{key}={model[key]}: {target.kind} has no DARTS evaluation network (auxiliary '
+                              f'head, drop-path); set model.{key}=0 or use a recipe for the space, e.g. '
+                              'experiments/retrain/proxylessnas-imagenet.yml')
 
 
 def lr_factor(epoch: int, *, schedule: str, epochs: int, lr: float, lr_min: float = 0., gamma: float = 0.97,

@@ -31,9 +31,9 @@ from ..config import ConfigError
 from .data import build_datasets
 from .handlers import (CHECKPOINT_DIR, SUMMARY_FILE, RunRecord, attach_handlers, evaluate, last_checkpoint,
                        resume_from_checkpoint, unwrap)
-from .network import EvalNetwork, count_parameters
-from .recipe import lr_factor, resolve_config
-from .target import GENOTYPE_FILE, resolve_target
+from .network import build_network, count_parameters, parameter_groups
+from .recipe import check_target, lr_factor, resolve_config
+from .target import RetrainTarget, resolve_retrain_target
 
 __all__ = ['run_retrain', 'CONFIG_FILE']
 
@@ -48,8 +48,9 @@ def run_retrain(target: str, config_path: str | None = None, overrides: Iterable
     Parameters
     ----------
     target
-        A genotype JSON file, an NNI sample dict JSON, a run directory holding ``genotype.json``, or a published
-        cell (``DARTS_V2``, ``PC_DARTS_cifar``, ...; see :mod:`.presets`).
+        A genotype JSON file, an NNI sample dict JSON, a run directory holding ``genotype.json``, a search run folder
+        of another space (ProxylessNAS, NAS-Bench-201, NNI hub: its network is ``space.freeze(sample)``), or a
+        published cell (``DARTS_V2``, ``PC_DARTS_cifar``, ...; see :mod:`.presets`).
     config_path
         A recipe YAML (e.g. ``experiments/retrain/pcdarts-cifar10.yml``); missing keys keep the DARTS CIFAR-10
         recipe (:data:`.recipe.DEFAULTS`). When resuming without one, the run's saved ``config.yaml`` is used.
@@ -57,7 +58,7 @@ def run_retrain(target: str, config_path: str | None = None, overrides: Iterable
         ``section.key=value`` strings applied last (``train.epochs=10``, ``data.source=imagefolder``).
     output
         The run folder; default ``runs/retrain/<name>-<timestamp>``. It receives ``config.yaml`` (resolved),
-        ``genotype.json``, ``metrics.csv``, ``checkpoints/`` and ``summary.json``.
+        ``genotype.json`` (or ``target.json``: space and sample), ``metrics.csv``, ``checkpoints/`` and ``summary.json``.
     resume
         Continue from the last checkpoint in ``output`` (or in ``target`` when that is a retrain run folder);
         without a checkpoint the run starts from scratch.
@@ -74,14 +75,16 @@ def run_retrain(target: str, config_path: str | None = None, overrides: Iterable
     saved = run_dir / CONFIG_FILE
     base = yaml.safe_load(saved.read_text()) if resume and config_path is None and saved.is_file() else None
     config = resolve_config(config_path, overrides, base)
-    genotype, name = resolve_target(target)
+    resolved = resolve_retrain_target(target)
+    check_target(config, resolved)
+    if resolved.genotype is None:  # a sample the space cannot take fails here, before anything is written
+        build_network(resolved, config['model'], config['model']['num_classes'] or 10)
     if not resume and last_checkpoint(run_dir) is not None:
         raise ConfigError(f'{run_dir} already holds checkpoints; resume it (resume=True) or choose another output')
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(config, sort_keys=False))
-    genotype.save(run_dir / GENOTYPE_FILE)
-    context = {'config': config, 'genotype': genotype.to_dict(), 'name': name, 'run_dir': str(run_dir),
-               'resume': resume}
+    resolved.save(run_dir)
+    context = {'config': config, 'target': resolved.to_dict(), 'run_dir': str(run_dir), 'resume': resume}
     runtime = config['runtime']
     with idist.Parallel(backend=runtime['backend'], nproc_per_node=runtime['nproc_per_node']) as parallel:
         parallel.run(_training, context)
@@ -105,18 +108,17 @@ def _training(local_rank: int, context: dict[str, Any]) -> None:
     import ignite.distributed as idist
     from ignite.utils import manual_seed
 
-    from ..genotype import Genotype
-
     config, run_dir = context['config'], Path(context['run_dir'])
     train_cfg, runtime = config['train'], config['runtime']
     manual_seed(train_cfg['seed'] + idist.get_rank())
     device = _device(runtime['device'])
     train_set, test_set, data_classes = build_datasets(config)
     classes = config['model']['num_classes'] or data_classes
-    model = _model(Genotype.from_dict(context['genotype']), config, classes, device)
-    optimizer = idist.auto_optim(torch.optim.SGD(model.parameters(), lr=train_cfg['lr'],
-                                                 momentum=train_cfg['momentum'],
-                                                 weight_decay=train_cfg['weight_decay']))
+    target = RetrainTarget.from_dict(context['target'])
+    model = _model(target, config, classes, device)
+    groups = parameter_groups(model, train_cfg['weight_decay'], train_cfg['weight_decay_bn'])
+    optimizer = idist.auto_optim(torch.optim.SGD(groups, lr=train_cfg['lr'], momentum=train_cfg['momentum'],
+                                                 nesterov=train_cfg['nesterov']))
     schedule = functools.partial(lr_factor, schedule=train_cfg['schedule'], epochs=train_cfg['epochs'],
                                  lr=train_cfg['lr'], lr_min=train_cfg['lr_min'], gamma=train_cfg['gamma'],
                                  warmup_epochs=train_cfg['warmup_epochs'])
@@ -129,7 +131,7 @@ def _training(local_rank: int, context: dict[str, Any]) -> None:
     to_save = {'model': model, 'optimizer': optimizer, 'lr_scheduler': scheduler, 'trainer': trainer}
     if scaler is not None:
         to_save['scaler'] = scaler
-    run = RunRecord(run_dir, context['name'], count_parameters(unwrap(model)),
+    run = RunRecord(run_dir, target.name, count_parameters(unwrap(model)),
                     count_parameters(unwrap(model), include_auxiliary=True), str(device))
     attach_handlers(trainer, evaluator, model, optimizer, scheduler, train_loader, test_loader, to_save, config, run)
     start_epoch = resume_from_checkpoint(to_save, trainer, run) if context['resume'] else 0
@@ -161,11 +163,9 @@ def _amp_dtype(runtime: dict[str, Any], device: torch.device) -> torch.dtype | N
     return torch.float16 if runtime['amp_dtype'] == 'float16' else torch.bfloat16
 
 
-def _model(genotype: Any, config: dict[str, Any], classes: int, device: torch.device) -> nn.Module:
+def _model(target: RetrainTarget, config: dict[str, Any], classes: int, device: torch.device) -> nn.Module:
     import ignite.distributed as idist
-    spec = config['model']
-    model = EvalNetwork(genotype, channels=spec['channels'], layers=spec['layers'], num_classes=classes,
-                        auxiliary=spec['auxiliary_weight'] > 0, network=spec['network'])
+    model = build_network(target, config['model'], classes)
     if config['runtime']['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     if config['runtime']['device'] == 'auto':

@@ -15,7 +15,7 @@ from ..atomic import atomic_write_json, atomic_write_text
 from ..config import ConfigError
 from ..distributed import is_global_zero
 
-__all__ = ['default_run_dir', 'run_dir_of', 'prepare_run_dir', 'write_json', 'write_config', 'provenance', 'RunLock']
+__all__ = ['default_run_dir', 'run_dir_of', 'prepare_run_dir', 'check_run_dir', 'write_json', 'write_config', 'provenance', 'RunLock']
 
 _logger = logging.getLogger(__name__)
 
@@ -29,13 +29,19 @@ def run_dir_of(cfg: dict[str, Any], output: str | Path | None = None) -> Path:
     return Path(output or cfg['output']['dir'] or default_run_dir(cfg))
 
 
-def prepare_run_dir(cfg: dict[str, Any], output: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Create the run folder; refuse one that holds a finished run unless ``overwrite``."""
+def check_run_dir(cfg: dict[str, Any], output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """The run folder, refused when it holds a finished run unless ``overwrite`` (nothing is created)."""
     run_dir = run_dir_of(cfg, output)
     overwrite = overwrite or cfg['output']['overwrite']
     if (run_dir / 'result.json').exists() and not overwrite:
         raise ConfigError(f'{run_dir} already holds a finished run; choose another --output, or pass --overwrite '
                           'to replace it')
+    return run_dir
+
+
+def prepare_run_dir(cfg: dict[str, Any], output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Create the run folder; refuse one that holds a finished run unless ``overwrite``."""
+    run_dir = check_run_dir(cfg, output, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

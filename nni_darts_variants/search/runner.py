@@ -25,9 +25,9 @@ from .config import resolve_config
 from .evaluator import evaluate_sample, search_evaluator
 from .checkpoints import LAST, AtomicCheckpointIO, choose_checkpoint
 from .interrupt import GracefulStop, SearchInterrupted
-from .rundir import RunLock, prepare_run_dir, run_dir_of, write_config, write_json
+from .rundir import RunLock, check_run_dir, prepare_run_dir, run_dir_of, write_config, write_json
 
-__all__ = ['SearchResult', 'run_search']
+__all__ = ['SearchResult', 'run_search', 'check_search']
 
 _logger = logging.getLogger(__name__)
 
@@ -163,20 +163,7 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
     ``resume`` is the folder of an interrupted run: its saved config is used (``overrides`` still apply) and the
     search continues from its last checkpoint, with the same random state.
     """
-    ckpt_path = None
-    if resume is not None:
-        point = _resume_point(resume)
-        config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
-    cfg = resolve_config(config, list(overrides))
-    run_dir = run_dir_of(cfg, output)
-    apply_threads(cfg['train']['threads'], cfg['train']['accelerator'])
-    pl.seed_everything(cfg['seed'], verbose=False)
-    # Everything that can fail on bad input is built before the run folder is touched.
-    data = _build_data(cfg)
-    space_factory = _space_factory(cfg, data)
-    space = space_factory()
-    strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
-    _check_supernet(cfg, space_factory)
+    cfg, run_dir, data, space_factory, space, strategy, ckpt_path = _prepare(config, overrides, output, resume)
     existed = set(run_dir.iterdir()) if run_dir.is_dir() else None
     run_dir = prepare_run_dir(cfg, output, overwrite)
     lock = RunLock(run_dir)
@@ -189,6 +176,33 @@ def run_search(config: dict[str, Any] | str | Path | None = None, overrides: lis
         raise
     finally:
         lock.release()
+
+
+def _prepare(config: Any, overrides: list[str], output: str | Path | None, resume: str | Path | None) -> tuple:
+    """Everything that can fail on bad input, before the run folder is touched: the config, the data, the space, the
+    strategy and the supernet; ``(cfg, run_dir, data, space_factory, space, strategy, ckpt_path)``."""
+    ckpt_path = None
+    if resume is not None:
+        point = _resume_point(resume)
+        config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
+    cfg = resolve_config(config, list(overrides))
+    run_dir = run_dir_of(cfg, output)
+    apply_threads(cfg['train']['threads'], cfg['train']['accelerator'])
+    pl.seed_everything(cfg['seed'], verbose=False)
+    data = _build_data(cfg)
+    space_factory = _space_factory(cfg, data)
+    space = space_factory()
+    strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
+    _check_supernet(cfg, space_factory)
+    return cfg, run_dir, data, space_factory, space, strategy, ckpt_path
+
+
+def check_search(config: dict[str, Any] | str | Path | None = None, overrides: list[str] = (),
+                 output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None) -> Path:
+    """What :func:`run_search` checks and builds before it writes (``--dry-run``), writing nothing; returns the run
+    folder it would write. A finished run there without ``overwrite`` is the same error as the search's."""
+    cfg, run_dir, *_ = _prepare(config, overrides, output, resume)
+    return run_dir if resume is not None else check_run_dir(cfg, run_dir, overwrite)
 
 
 def _check_supernet(cfg: dict[str, Any], space_factory: Callable[[], Any]) -> None:

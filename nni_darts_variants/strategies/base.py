@@ -728,11 +728,6 @@ class DartsVariant(DARTS):
         return {'warmup_epochs': 0}
 
     @classmethod
-    def quick_kwargs(cls) -> dict[str, Any]:
-        """Old name of :meth:`smoke_kwargs` (kept for callers written before it)."""
-        return cls.smoke_kwargs()
-
-    @classmethod
     def full_step_kwargs(cls) -> dict[str, Any]:
         """Overrides of the defaults with which every batch has both an architecture and a weight step (no
         warm-up, an arch step every batch), on the unchanged network: used by the benchmark. None by default."""

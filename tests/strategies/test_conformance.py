@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nni_darts_variants import create_strategy, get_strategy, list_strategies
-from nni_darts_variants.testing import ArchSnapshot, quick_kwargs, run_tiny_search, tiny_space
+from nni_darts_variants.testing import ArchSnapshot, run_tiny_search, tiny_space
 
 STRATEGIES = sorted(list_strategies())
 #: Strategies whose step may leave a choice without a gradient by design (checked over the whole search instead):
@@ -19,7 +19,7 @@ SPARSE_STEP = {'parsec', 'proxyless'}
 
 
 def _quick(name: str):
-    return create_strategy(name, **quick_kwargs(get_strategy(name)))
+    return create_strategy(name, **get_strategy(name).smoke_kwargs())
 
 
 @pytest.mark.parametrize('name', STRATEGIES)

@@ -5,7 +5,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-import torch.nn as nn
 
 from nni_darts_variants.memory import saved_tensor_bytes
 from nni_darts_variants.strategies import gdas
@@ -16,21 +15,17 @@ from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
 CONV_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
 
 
-def edges(net: nn.Module) -> list[GumbelMaxEdge]:
-    return [m for m in net.modules() if isinstance(m, GumbelMaxEdge)]
-
-
-def resample(net: nn.Module) -> dict:
+def resample(edges: list[GumbelMaxEdge]) -> dict:
+    """Draw a fresh sample on every edge, one per label (as the strategy does before a step)."""
     memo: dict = {}
-    for edge in edges(net):
+    for edge in edges:
         memo.update(edge.resample(memo))
     return memo
 
 
-def _candidate_calls_per_edge(net, edge_type) -> list[int]:
-    """How many candidates each edge of ``edge_type`` runs in one forward."""
+def _candidate_calls_per_edge(net, edges) -> list[int]:
+    """How many candidates each of ``edges`` (modules of ``net``) runs in one forward."""
     calls: dict[int, int] = defaultdict(int)
-    edges = [m for m in net.modules() if isinstance(m, edge_type)]
     for edge in edges:
         for name in edge.names:
             edge[name].register_forward_hook(lambda m, i, o, e=id(edge): calls.__setitem__(e, calls[e] + 1))
@@ -38,29 +33,30 @@ def _candidate_calls_per_edge(net, edge_type) -> list[int]:
     return [calls[id(e)] for e in edges]
 
 
-def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all(supernet):
+def test_gdas_runs_one_candidate_per_edge_where_nni_gumbel_darts_runs_all(supernet, edges_of):
     from nni.nas.oneshot.pytorch.supermodule.differentiable import DifferentiableMixedLayer
     from nni.nas.strategy import GumbelDARTS
     torch.manual_seed(0)
     nni_net = GumbelDARTS().mutate_model(tiny_space())
-    assert set(_candidate_calls_per_edge(nni_net, DifferentiableMixedLayer)) == {8}
+    assert set(_candidate_calls_per_edge(nni_net, edges_of(nni_net, DifferentiableMixedLayer))) == {8}
     net = supernet(Gdas())
-    resample(net)
-    assert set(_candidate_calls_per_edge(net, GumbelMaxEdge)) == {1}
+    resample(edges_of(net, GumbelMaxEdge))
+    assert set(_candidate_calls_per_edge(net, edges_of(net, GumbelMaxEdge))) == {1}
 
 
-def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type(supernet):
+def test_exactly_one_candidate_per_edge_shared_by_cells_of_a_type(supernet, edges_of):
     net = supernet(Gdas(), num_cells=5)  # normal cells 0, 2, 4; reduction cells 1, 3
+    edges = edges_of(net, GumbelMaxEdge)
     calls: dict[int, list[str]] = defaultdict(list)
-    for edge in edges(net):
+    for edge in edges:
         for name in edge.names:
             edge[name].register_forward_hook(lambda m, i, o, e=edge, n=name: calls[id(e)].append(n))
     for _ in range(5):
         calls.clear()
-        resample(net)
+        resample(edges)
         net(torch.randn(2, 1, 8, 8))
         ran_by_label: dict[str, set[str]] = defaultdict(set)
-        for edge in edges(net):
+        for edge in edges:
             assert calls[id(edge)] == [edge.names[edge.sampled_index]]
             ran_by_label[edge.label].update(calls[id(edge)])
         assert len(ran_by_label) == 28 and all(len(v) == 1 for v in ran_by_label.values())
@@ -180,16 +176,17 @@ def test_defaults():
     assert strategy.arc_betas == (0.5, 0.999) and strategy.arc_weight_decay == 1e-3 and strategy.warmup_epochs == 0
 
 
-def test_activation_memory_is_that_of_the_sampled_path(supernet):
+def test_activation_memory_is_that_of_the_sampled_path(supernet, edges_of):
     """With every edge's sample forced to ``sep_conv_3x3`` (logit +50), a GDAS forward saves what a DARTS supernet
     with ``sep_conv_3x3`` as its only candidate saves (one path and its weight), not the 8-candidate mixture."""
     x = torch.randn(8, 1, 8, 8)
     net = supernet(Gdas())
-    for edge in edges(net):
+    edges = edges_of(net, GumbelMaxEdge)
+    for edge in edges:
         with torch.no_grad():
             edge.alpha[edge.names.index('sep_conv_3x3')] = 50.0
-    resample(net)
-    assert {edge.names[edge.sampled_index] for edge in edges(net)} == {'sep_conv_3x3'}
+    resample(edges)
+    assert {edge.names[edge.sampled_index] for edge in edges} == {'sep_conv_3x3'}
     single = supernet(Darts(), operations=['sep_conv_3x3'])
     full = supernet(Darts())
     gdas_bytes = saved_tensor_bytes(lambda: net(x).sum(), net.parameters())
@@ -219,7 +216,7 @@ def test_final_bn_relu_option_of_the_space(supernet):
 
 
 @pytest.mark.parametrize('reset', ['zeros', 'none'])
-def test_unsampled_weights_keep_momentum_only_with_zero_gradients(reset, search_with):
+def test_unsampled_weights_keep_momentum_only_with_zero_gradients(reset, search_with, edges_of):
     """Official GDAS ran on PyTorch 1.x, whose ``zero_grad`` filled zeros: the weights of an op used in an earlier
     weight step keep moving by momentum in a step where it is not sampled. ``weight_grad_reset='none'``: they stay."""
     import pytorch_lightning as pl
@@ -228,7 +225,7 @@ def test_unsampled_weights_keep_momentum_only_with_zero_gradients(reset, search_
 
     class Watch(pl.Callback):
         def on_train_start(self, trainer, module):
-            params = [p for e in edges(module.training_module) for op in CONV_OPS for p in e[op].parameters()]
+            params = [p for e in edges_of(module.training_module, GumbelMaxEdge) for op in CONV_OPS for p in e[op].parameters()]
             all_ids.extend(id(p) for p in params)
             opt = next(o for o in trainer.optimizers if not getattr(o, 'is_arch_optimizer', False))
             for group in opt.param_groups:  # the official weight optimizer: SGD with momentum and decay

@@ -208,7 +208,7 @@ def test_defaults_and_imagenet_preset(supernet):
     assert (imagenet.partial_channels_k, imagenet.warmup_epochs, imagenet.arc_learning_rate) == (2, 35, 6e-3)
     assert imagenet.arc_gradient_clip_val == 5.0
     assert PCDarts.imagenet(warmup_epochs=3).warmup_epochs == 3
-    assert PCDarts.quick_kwargs()['warmup_epochs'] == 0
+    assert PCDarts.smoke_kwargs()['warmup_epochs'] == 0
     assert isinstance(_lightning(supernet(default), default), PCDartsLightning)
 
 

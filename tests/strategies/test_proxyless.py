@@ -29,21 +29,17 @@ def supernet(supernet):
     return build
 
 
-def edges(model) -> list[ProxylessEdge]:
-    return [m for m in model.modules() if isinstance(m, ProxylessEdge)]
-
-
-def resample(model, phase: str) -> None:
+def resample(edges: list[ProxylessEdge], phase: str) -> None:
     memo: dict = {}
-    for edge in edges(model):
+    for edge in edges:
         edge.phase = phase
         memo.update(edge.resample(memo))
 
 
-def count_candidate_calls(model):
+def count_candidate_calls(edges: list[ProxylessEdge]):
     calls: Counter = Counter()
     handles = [edge[name].register_forward_hook(lambda *_, e=edge: calls.update([id(e)]))
-               for edge in edges(model) for name in edge.names]
+               for edge in edges for name in edge.names]
     return calls, handles
 
 
@@ -61,42 +57,46 @@ def candidate_grads(edge):
 
 
 @pytest.mark.parametrize('phase,expected', [('weight', 1), ('arch', 2)])
-def test_candidates_run_per_edge(phase, expected, supernet):
+def test_candidates_run_per_edge(phase, expected, supernet, edges_of):
     _, model = supernet('two')
-    resample(model, phase)
-    calls, handles = count_candidate_calls(model)
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, phase)
+    calls, handles = count_candidate_calls(edges)
     loss_of(model).backward()
     for h in handles:
         h.remove()
-    assert len(calls) == len(edges(model))
+    assert len(calls) == len(edges)
     assert all(n == expected for n in calls.values())
 
 
 @pytest.mark.parametrize('phase', ['weight', 'arch'])
-def test_only_active_path_weights_get_gradients(phase, supernet):
+def test_only_active_path_weights_get_gradients(phase, supernet, edges_of):
     _, model = supernet('two')
-    resample(model, phase)
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, phase)
     loss_of(model).backward()
-    for edge in edges(model):
+    for edge in edges:
         for k, has_grad in candidate_grads(edge).items():
             assert has_grad == (k == edge.active), (edge.label, edge.names[k])
         if phase == 'weight':
             assert edge.alpha.grad is None
 
 
-def test_weight_step_same_sample_for_a_label(supernet):
+def test_weight_step_same_sample_for_a_label(supernet, edges_of):
     _, model = supernet()
-    resample(model, 'weight')
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, 'weight')
     by_label: dict = {}
-    for edge in edges(model):
+    for edge in edges:
         by_label.setdefault(edge.label, set()).add(edge.paths)
     assert all(len(s) == 1 for s in by_label.values())
-    assert len(by_label) < len(edges(model)), 'cells of a type must share labels in the tiny space'
+    assert len(by_label) < len(edges), 'cells of a type must share labels in the tiny space'
 
 
-def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero(supernet):
+def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero(supernet, edges_of):
     _, model = supernet('two')
-    resample(model, 'arch')
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, 'arch')
     loss_of(model).backward()
     for edge in unique_edges(model.modules()):
         pair = list(edge.paths)
@@ -108,13 +108,14 @@ def test_two_path_gradient_only_on_sampled_pair_and_sums_to_zero(supernet):
     assert any(float(e.alpha.grad.abs().sum()) > 0 for e in unique_edges(model.modules()))
 
 
-def test_two_path_update_keeps_unsampled_probabilities(supernet):
+def test_two_path_update_keeps_unsampled_probabilities(supernet, edges_of):
     strategy, model = supernet('two')
-    resample(model, 'arch')
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, 'arch')
     uniq = unique_edges(model.modules())
     none_edge = uniq[0]  # force the zero path active on one edge: no update for it
     none_edge.paths = (none_edge.names.index('none'), 4)
-    for edge in edges(model):
+    for edge in edges:
         if edge.label == none_edge.label:
             edge.paths = none_edge.paths
     alphas = list(strategy._arch_parameters.values())
@@ -151,15 +152,16 @@ def test_gate_gradient_is_softmax_jacobian():
     assert abs(float(ours.sum())) < 1e-14
 
 
-def test_full_v2_equals_darts_gradient_for_linear_loss(supernet):
+def test_full_v2_equals_darts_gradient_for_linear_loss(supernet, edges_of):
     _, model = supernet('full_v2')
-    edge = edges(model)[0]
+    edges = edges_of(model, ProxylessEdge)
+    edge = edges[0]
     assert edge.label == 'normal/op_2_0'  # stride 1, width 8 in the tiny space
     x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
     c = torch.randn_like(edge.run_path(edge.names.index('sep_conv_3x3'), x))
     edge.phase = 'arch'
     edge.paths = (edge.names.index('sep_conv_3x3'),)
-    calls, handles = count_candidate_calls(model)
+    calls, handles = count_candidate_calls(edges)
     out = edge(x)
     assert sum(calls.values()) == 1, 'full_v2 forward must run only the active path'
     for h in handles:
@@ -174,9 +176,10 @@ def test_full_v2_equals_darts_gradient_for_linear_loss(supernet):
     assert abs(float(ours.sum())) < 1e-10
 
 
-def test_weight_sampling_follows_softmax(supernet):
+def test_weight_sampling_follows_softmax(supernet, edges_of):
     _, model = supernet(dtype=torch.float32)
-    edge = edges(model)[0]
+    edges = edges_of(model, ProxylessEdge)
+    edge = edges[0]
     edge.phase = 'weight'
     torch.manual_seed(3)
     n = 4000
@@ -187,11 +190,12 @@ def test_weight_sampling_follows_softmax(supernet):
     assert stats.chisquare(observed, expected).pvalue > 1e-3
 
 
-def test_zero_active_keeps_alpha_gradient_none(supernet):
+def test_zero_active_keeps_alpha_gradient_none(supernet, edges_of):
     _, model = supernet('full_v2')
-    resample(model, 'arch')
+    edges = edges_of(model, ProxylessEdge)
+    resample(edges, 'arch')
     uniq = unique_edges(model.modules())
-    for edge in edges(model):
+    for edge in edges:
         edge.paths = (edge.names.index('none'),)
     loss_of(model).backward()
     prepare_arch_update(uniq)
