@@ -1,14 +1,19 @@
-"""Before/after step times on a loaded machine: ours with the exact shortcuts, ours without them, NNI's row of the
-same algorithm, measured in ONE process with interleaved repeats (after, before, NNI, after, before, NNI, ...), so
-that the load of other jobs hits all of them alike.
+"""Before/after step times on a loaded machine: ours now, ours as at main 1e17334, ours before the speed work, NNI's
+row of the same algorithm, measured in ONE process with interleaved repeats (after, main, NNI, then main, NNI,
+after, ...: the order turns each repeat), so that the load of other jobs hits all of them alike.
 
 Usage: python benchmarks/interleaved_steps.py --strategies darts pcdarts gdas proxyless --batch-size 16 --repeats 3
-       [--channels-last-rows darts]
+       [--channels-last-rows darts] [--nni-channels-last] [--pre-speed]
 
-"before" is the same strategy with ``VariantLightningModule.skip_unread_gradients = False`` and the mixed edges'
-``zero_names`` emptied (``none`` computed, weighted and summed): the code before the speed work (the layout of the
-data pipeline aside). Each measurement is one ``nni-darts bench`` row (1 warm-up step, then ``--steps`` timed), the
-median over the repeats is printed, with the ratios.
+* ``after``: the current code in NCHW (every exact shortcut, the shared ReLU of each edge);
+  ``after+channels_last``: the same in channels_last (``--channels-last-rows``, the CPU default of a search);
+* ``main``: the code of main 1e17334 (the shared ReLU off: ``MixedEdge.share_relu = False``), NCHW;
+* ``before`` (``--pre-speed``): also ``VariantLightningModule.skip_unread_gradients = False`` and the mixed edges'
+  ``zero_names`` emptied (``none`` computed, weighted and summed): the code before the speed work;
+* ``nni`` (and ``nni+channels_last`` with ``--nni-channels-last``): NNI's row (``bench.COUNTERPARTS``).
+
+Each measurement is one ``nni-darts bench`` row (1 warm-up step, then ``--steps`` timed); the median over the
+repeats is printed, with the ratios.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 
 
 @contextlib.contextmanager
-def unoptimised():
+def unoptimised(level: str):
+    """``level`` 'main': the shared ReLU off; 'before': every shortcut off as well."""
     from nni_darts_variants import bench
     from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
     build = bench.build_row_module
@@ -34,18 +40,22 @@ def unoptimised():
             if isinstance(module, MixedEdge):
                 module.zero_names = set()
         return built
-    VariantLightningModule.skip_unread_gradients = False
-    bench.build_row_module = build_without_zero_skip
+    MixedEdge.share_relu = False
+    if level == 'before':
+        VariantLightningModule.skip_unread_gradients = False
+        bench.build_row_module = build_without_zero_skip
     try:
         yield
     finally:
+        MixedEdge.share_relu = True
         VariantLightningModule.skip_unread_gradients = True
         bench.build_row_module = build
 
 
 def _print_medians(row: str, label: str, med: dict[str, float]) -> None:
-    pairs = [('after', 'before'), ('after', 'nni'), ('before', 'nni'), ('after+channels_last', 'nni'),
-             ('after+channels_last', 'before'), ('nni+channels_last', 'nni')]
+    pairs = [('after', 'main'), ('after+channels_last', 'main'), ('after+channels_last', 'after'), ('main', 'nni'),
+             ('after', 'nni'), ('after+channels_last', 'nni'), ('after+channels_last', 'nni+channels_last'),
+             ('after', 'before'), ('nni+channels_last', 'nni')]
     ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in pairs if k in med and b in med)
     print(f'{row} ({label}): ' + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in med.items()) + f' | {ratios}',
           flush=True)
@@ -60,7 +70,9 @@ def main(argv=None) -> int:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--channels-last-rows', nargs='*', default=[], metavar='ROW',
-                        help='rows also measured in channels_last (ours and NNI\'s)')
+                        help='rows also measured in channels_last')
+    parser.add_argument('--nni-channels-last', action='store_true', help="NNI's rows in channels_last as well")
+    parser.add_argument('--pre-speed', action='store_true', help='also the code before the speed work (before)')
     parser.add_argument('--output', help='JSON of every measurement')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -68,18 +80,23 @@ def main(argv=None) -> int:
     results = {}
     for row in args.strategies:
         nni_row = bench.COUNTERPARTS.get(row)
-        variants = {'after': (row, cfg, False), 'before': (row, cfg, True)}
+        variants = {'after': (row, cfg, None), 'main': (row, cfg, 'main')}
+        if args.pre_speed:
+            variants['before'] = (row, cfg, 'before')
         if nni_row:
-            variants['nni'] = (nni_row, cfg, False)
+            variants['nni'] = (nni_row, cfg, None)
         if row in args.channels_last_rows:
-            variants['after+channels_last'] = (row, replace(cfg, channels_last=True), False)
-            if nni_row:
-                variants['nni+channels_last'] = (nni_row, replace(cfg, channels_last=True), False)
+            variants['after+channels_last'] = (row, replace(cfg, channels_last=True), None)
+            if nni_row and args.nni_channels_last:
+                variants['nni+channels_last'] = (nni_row, replace(cfg, channels_last=True), None)
         times = {k: [] for k in variants}
         cpu = {k: [] for k in variants}
-        for _ in range(args.repeats):
-            for key, (name, c, before) in variants.items():
-                with unoptimised() if before else contextlib.nullcontext():
+        keys = list(variants)
+        for repeat in range(args.repeats):
+            # the order turns each repeat, so that no variant always runs first (right after the row is imported)
+            for key in keys[repeat % len(keys):] + keys[:repeat % len(keys)]:
+                name, c, level = variants[key]
+                with unoptimised(level) if level else contextlib.nullcontext():
                     out = bench.measure_row(name, c)
                 if out['error']:
                     raise RuntimeError(f'{key}: {out["error"]}')

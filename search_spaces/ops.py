@@ -6,13 +6,15 @@ batch norm and bare pools (``affine=True, pool_bn=False``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     'PRIMITIVES', 'OPS', 'build_op', 'Zero', 'FactorizedReduce', 'ReLUConvBN', 'SepConv', 'DilConv', 'PoolBN',
+    'outputs_sharing_relu',
 ]
 
 #: The DARTS search-space operations, in the official order (``none`` first).
@@ -40,8 +42,20 @@ class Zero(nn.Module):
         return x[:, :, ::self.stride, ::self.stride].mul(0.)
 
 
-class ReLUConvBN(nn.Sequential):
-    """ReLU, convolution, batch norm: the cell input preprocessing."""
+class _ReLUFirst(nn.Sequential):
+    """A sequence whose first layer is a ReLU: ``forward_after_relu(relu(x)) == forward(x)``, so that the candidates
+    of one edge can share the ReLU of their common input (:func:`outputs_sharing_relu`)."""
+
+    starts_with_relu = True
+
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in list(self._modules.values())[1:]:
+            x = layer(x)
+        return x
+
+
+class ReLUConvBN(_ReLUFirst):
+    """ReLU, convolution, batch norm: the cell input preprocessing (and NAS-Bench-201's convolutions)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
@@ -51,7 +65,7 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class DilConv(nn.Sequential):
+class DilConv(_ReLUFirst):
     """ReLU, depthwise (dilated) convolution, pointwise convolution, batch norm."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, dilation: int,
@@ -74,6 +88,11 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine=affine),
         )
 
+    starts_with_relu = True
+
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].forward_after_relu(x))
+
 
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two offset stride-2 1x1 convolutions, concatenated (``skip_connect`` at stride 2)."""
@@ -87,8 +106,12 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
+    starts_with_relu = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.forward_after_relu(self.relu(x))
+
+    def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         shifted = x[:, :, 1:, 1:]
         if x.shape[-1] % 2 or x.shape[-2] % 2:  # odd sizes: pad so both branches give ceil(size / 2)
             shifted = nn.functional.pad(shifted, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
@@ -107,6 +130,25 @@ class PoolBN(nn.Sequential):
             raise ValueError(f"pool kind must be 'max' or 'avg', got {kind!r}")
         layers = [pool] + ([nn.BatchNorm2d(channels, affine=affine)] if bn else [])
         super().__init__(*layers)
+
+
+def outputs_sharing_relu(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[m(x) for m in modules]``, with one ``relu(x)`` for all the modules that start with a ReLU
+    (``starts_with_relu``: the sep and dil convs, ``FactorizedReduce``, ``ReLUConvBN``).
+
+    The outputs are bitwise those of the modules; the gradient to ``x`` is the same sum, in float rounding
+    (the ReLU's mask is applied once to the sum of the candidates' gradients instead of to each).
+    """
+    relu: torch.Tensor | None = None
+    outputs = []
+    for module in modules:
+        if getattr(module, 'starts_with_relu', False):
+            if relu is None:
+                relu = F.relu(x)
+            outputs.append(module.forward_after_relu(relu))
+        else:
+            outputs.append(module(x))
+    return outputs
 
 
 OpFactory = Callable[[int, int, bool, bool], nn.Module]

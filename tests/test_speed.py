@@ -7,6 +7,8 @@ changes no floating-point operation that reaches a parameter.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from nni.mutable import frozen_context
@@ -18,9 +20,11 @@ from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
 CFG = dict(width=4, num_cells=3, batch_size=3, image_size=8, steps=2, warmup=1, device='cpu', prime=False)
 
 
-def _search(row: str, optimised: bool, monkeypatch, precision: str = '64-true', **cfg_overrides):
+def _search(row: str, optimised: bool, monkeypatch, precision: str = '64-true', share_relu: bool = True,
+            **cfg_overrides):
     import pytorch_lightning as pl
     monkeypatch.setattr(VariantLightningModule, 'skip_unread_gradients', optimised)
+    monkeypatch.setattr(MixedEdge, 'share_relu', share_relu)
     cfg = BenchConfig(**{**CFG, **cfg_overrides}).check()
     pl.seed_everything(0, verbose=False)
     _, module, epochs, _ = bench.build_row_module(row, cfg)
@@ -31,7 +35,7 @@ def _search(row: str, optimised: bool, monkeypatch, precision: str = '64-true', 
     trainer = pl.Trainer(accelerator='cpu', devices=1, precision=precision, max_epochs=epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0,
-                         callbacks=[bench.step_meter(cfg.warmup, cfg.steps, 'cpu', False, 0)])  # stops the fit
+                         callbacks=[bench.step_meter(cfg.warmup, cfg.steps, 'cpu', cfg.channels_last, 0)])  # stops
     trainer.fit(module, train_dataloaders=bench.bench_loaders(cfg, cfg.batch_size))
     alphas = [p.detach().clone() for p in module.arch_parameters()]
     arch = {id(p) for p in module.arch_parameters()}
@@ -62,6 +66,32 @@ def test_shortcuts_agree_within_float32_rounding(monkeypatch):
     ref_alphas, ref_weights, _ = _search('darts', False, monkeypatch, precision='32-true')
     for a, b in zip(alphas + weights, ref_alphas + ref_weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_within(result, reference, rtol, atol):
+    (alphas, weights, _), (ref_alphas, ref_weights, _) = result, reference
+    assert len(alphas) == len(ref_alphas) and len(weights) == len(ref_weights)
+    assert any(not torch.equal(a, torch.zeros_like(a)) for a in alphas)
+    for a, b in zip(alphas + weights, ref_alphas + ref_weights):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize('row', ['darts', 'pcdarts', pytest.param('darts-2nd', marks=pytest.mark.slow)])
+def test_shared_relu_gives_the_same_search_within_float64_rounding(row, monkeypatch):
+    """One ReLU per edge instead of one per sep/dil conv: the forward is bitwise the same, the gradient to the edge
+    input sums the same terms in another order (so float64 agrees to ~1e-15 relative, not bitwise)."""
+    if row not in bench.available_rows():
+        pytest.skip(f'{row} not registered')
+    _assert_same_within(_search(row, True, monkeypatch), _search(row, True, monkeypatch, share_relu=False),
+                        rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('row', ['darts', 'gdas', pytest.param('proxyless', marks=pytest.mark.slow)])
+def test_channels_last_gives_the_same_search_within_float64_rounding(row, monkeypatch):
+    """The layout changes the kernels' summation order, not the arithmetic: after 3 steps in float64 the alphas and
+    weights of an NHWC search equal the NCHW ones to ~1e-13 relative (float32 rounding is ~1e-7)."""
+    _assert_same_within(_search(row, True, monkeypatch, channels_last=True), _search(row, True, monkeypatch),
+                        rtol=1e-10, atol=1e-12)
 
 
 def _edge(x_shape=(2, 4, 6, 6)):
@@ -102,6 +132,22 @@ def test_skipping_none_gives_the_same_edge_output_and_gradients_bitwise():
     full = edge(x)
     full.sum().backward()
     assert torch.equal(out, full) and torch.equal(grad, edge.alpha.grad)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_edge_sharing_its_relu_gives_bitwise_the_same_output(stride):
+    from search_spaces.ops import PRIMITIVES, build_op, outputs_sharing_relu
+    torch.manual_seed(0)
+    ops = [build_op(name, 4, stride, affine=True) for name in PRIMITIVES + ('nor_conv_1x1', 'nor_conv_3x3')]
+    ops = [op.double() for op in ops]
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    shared = outputs_sharing_relu(ops, x)
+    separate = [op(x) for op in ops]
+    assert sum(getattr(op, 'starts_with_relu', False) for op in ops) == 7 - (stride == 1)  # skip is a ReLU only at 2
+    assert all(torch.equal(a, b) for a, b in zip(shared, separate))
+    g_shared, = torch.autograd.grad(sum(o.square().sum() for o in shared), x)
+    g_separate, = torch.autograd.grad(sum(o.square().sum() for o in separate), x)
+    torch.testing.assert_close(g_shared, g_separate, rtol=1e-13, atol=1e-14)
 
 
 def test_architecture_step_leaves_weight_gradients_unset(monkeypatch):
@@ -159,7 +205,7 @@ def test_transforms_that_cannot_be_replayed_exactly_stay_as_they_are(tmp_path):
     assert decoded_in_memory(plain, max_bytes=10_000) is plain  # 12 images of 3,072 bytes do not fit
 
 
-@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two'])
+@pytest.mark.parametrize('bad', [0, -2, 1.5, True, 'two', 'Auto'])
 def test_bad_thread_count_is_a_config_error_naming_the_key(bad):
     from nni_darts_variants.config import ConfigError
     from nni_darts_variants.search.config import resolve_config
@@ -179,6 +225,103 @@ def test_threads_are_applied_and_none_leaves_them():
         torch.set_num_threads(before)
 
 
+class _Manager:
+    """A stand-in for NNI's manager on 127.0.0.1: ``GET <prefix>/api/v1/nni/experiment`` gives a profile whose
+    ``params.trialConcurrency`` is ``concurrency`` (the shape of NNI 3.0's ``/experiment`` answer); it records the
+    paths asked for."""
+
+    def __init__(self, concurrency: int, prefix: str = ''):
+        import http.server
+        import threading
+        manager = self
+        self.paths: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                manager.paths.append(self.path)
+                if self.path != f'{prefix}/api/v1/nni/experiment':
+                    self.send_error(404)
+                    return
+                body = json.dumps({'id': 'abc', 'params': {'trialConcurrency': concurrency}}).encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+        self.port = self.server.server_address[1]
+        self.channel = f'http://127.0.0.1:{self.port}{prefix}/env/envid/trialid'
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def trial_env(monkeypatch):
+    """Start a stand-in manager and make this process look like one of its local trials on 4 cores."""
+    from nni_darts_variants import speed
+    managers = []
+
+    def start(concurrency, prefix='', platform='local'):
+        manager = _Manager(concurrency, prefix)
+        managers.append(manager)
+        monkeypatch.setenv('NNI_PLATFORM', platform)
+        monkeypatch.setenv('NNI_TRIAL_COMMAND_CHANNEL', manager.channel)
+        return manager
+    monkeypatch.setattr(speed, 'cpu_cores', lambda: 4)
+    yield start
+    for manager in managers:
+        manager.close()
+
+
+@pytest.mark.parametrize('concurrency, prefix, expected', [(2, '', 2), (3, '', 1), (8, '', 1), (2, '/nni', 2),
+                                                           (1, '', None)])
+def test_auto_threads_divide_the_cores_among_the_concurrent_trials(trial_env, concurrency, prefix, expected):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(concurrency, prefix)
+    for threads in (None, 'auto'):
+        assert resolve_threads(threads, 'cpu') == expected
+    assert manager.paths == [f'{prefix}/api/v1/nni/experiment'] * 2
+    assert resolve_threads(3, 'cpu') == 3  # a number is kept
+
+
+def test_auto_threads_leave_torch_alone_off_cpu_outside_trials_and_off_local(trial_env, monkeypatch):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(2)
+    assert resolve_threads(None, 'gpu') is None
+    monkeypatch.setenv('NNI_PLATFORM', 'remote')  # the other trials run on other machines
+    assert resolve_threads(None, 'cpu') is None
+    monkeypatch.delenv('NNI_PLATFORM')
+    monkeypatch.delenv('NNI_TRIAL_COMMAND_CHANNEL')
+    assert resolve_threads(None, 'cpu') is None
+    assert manager.paths == []
+
+
+def test_auto_threads_warn_and_leave_torch_alone_when_the_manager_does_not_answer(trial_env, monkeypatch, caplog):
+    from nni_darts_variants.speed import resolve_threads
+    manager = trial_env(2)
+    manager.close()
+    with caplog.at_level('WARNING', logger='nni_darts_variants.speed'):
+        assert resolve_threads('auto', 'cpu') is None
+    assert 'trialConcurrency' in caplog.text and 'train.threads' in caplog.text
+
+
+def test_apply_threads_sets_the_divided_count(trial_env):
+    from nni_darts_variants.speed import apply_threads
+    trial_env(4)
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(None, 'cpu') == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compile_keeps_the_module_names_and_the_forward():
     from nni_darts_variants.speed import compile_supernet
     net = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -187,3 +330,38 @@ def test_compile_keeps_the_module_names_and_the_forward():
     compiled = compile_supernet(net)
     assert compiled is net and list(net.state_dict()) == ['0.weight', '0.bias']
     torch.testing.assert_close(net(x), expected)
+
+
+TRIAL = '''import os, sys
+sys.path.insert(0, {repo!r})
+import nni
+from nni_darts_variants.speed import apply_threads
+nni.get_next_parameter()
+nni.report_final_result({{'default': 0.0, 'threads': apply_threads(None, 'cpu') or 0,
+                         'platform': os.environ.get('NNI_PLATFORM')}})
+'''
+
+
+@pytest.mark.slow
+def test_real_nnictl_trials_read_the_concurrency_from_their_manager(tmp_path):
+    """Two trials of a real local experiment with trialConcurrency 2: each sets cores // 2 threads (at least 1)."""
+    import os
+    from pathlib import Path
+
+    import yaml
+    from test_nnictl import NNICTL, REPO, _metric, run_experiment
+    if not NNICTL.is_file():
+        pytest.skip('nnictl is not installed next to this Python')
+    trial = tmp_path / 'trial.py'
+    trial.write_text(TRIAL.format(repo=str(REPO)))
+    config = tmp_path / 'exp.yml'
+    config.write_text(yaml.safe_dump({
+        'experimentName': 'threads', 'searchSpace': {'x': {'_type': 'choice', '_value': [1, 2]}},
+        'trialCommand': f'python3 {trial}', 'trialCodeDirectory': str(REPO), 'trialConcurrency': 2,
+        'trialGpuNumber': 0, 'maxTrialNumber': 2, 'tuner': {'name': 'GridSearch'},
+        'trainingService': {'platform': 'local'}}))
+    result = run_experiment(Path(config), tmp_path)
+    finals = [_metric(m) for m in result['metrics'] if m['type'] == 'FINAL']
+    assert [t['status'] for t in result['trials']] == ['SUCCEEDED'] * 2, result
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [(f['threads'], f['platform']) for f in finals] == [(expected, 'local')] * 2

@@ -187,7 +187,7 @@ def _prepare(config: Any, overrides: list[str], output: str | Path | None, resum
         config, output, ckpt_path = (config if config is not None else point.config), point.run_dir, point.ckpt_path
     cfg = resolve_config(config, list(overrides))
     run_dir = run_dir_of(cfg, output)
-    apply_threads(cfg['train']['threads'])
+    apply_threads(cfg['train']['threads'], cfg['train']['accelerator'])
     pl.seed_everything(cfg['seed'], verbose=False)
     data = _build_data(cfg)
     space_factory = _space_factory(cfg, data)

@@ -26,6 +26,7 @@ from nni.nas.oneshot.pytorch.supermodule.differentiable import (DifferentiableMi
 from nni.nas.oneshot.pytorch.supermodule.operation import NATIVE_MIXED_OPERATIONS
 
 from search_spaces.cell import DartsCell, edge_label, input_label
+from search_spaces.ops import outputs_sharing_relu
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_cell_nodes, note_fallback,
@@ -126,6 +127,9 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
         #: same alpha gradient: their softmax weight multiplies zero, their alpha still normalizes the others).
         self.zero_names = {name for name in self.names if getattr(self[name], 'is_zero', False)}
 
+    #: One ``relu(x)`` for the candidates that start with a ReLU (:func:`~search_spaces.ops.outputs_sharing_relu`).
+    share_relu: ClassVar[bool] = True
+
     @property
     def alpha(self) -> nn.Parameter:
         return self._arch_alpha
@@ -149,7 +153,12 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         weights = self.op_weights()
         terms = [(w, name) for w, name in zip(weights, self.names) if name not in self.zero_names]
-        return sum(w * self[name](*args, **kwargs) for w, name in terms or zip(weights, self.names))
+        terms = terms or list(zip(weights, self.names))
+        if self.share_relu and len(args) == 1 and not kwargs:
+            outputs = outputs_sharing_relu([self[name] for _, name in terms], args[0])
+        else:
+            outputs = [self[name](*args, **kwargs) for _, name in terms]
+        return sum(w * out for (w, _), out in zip(terms, outputs))
 
     def resample(self, memo: dict[str, Any]) -> dict[str, Any]:
         """Nothing to sample in DARTS."""
