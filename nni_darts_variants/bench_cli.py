@@ -2,7 +2,7 @@
 
 The CLI layer over :mod:`nni_darts_variants.bench` (rows and measuring), :mod:`nni_darts_variants.max_batch`
 (``--max-batch``) and :mod:`nni_darts_variants.quality` (``--quality``, its own options). The default is a quick
-representative run (the CIFAR-10 search network at batch 8, 2 timed steps after 1 warm-up; a few minutes on two
+representative run (the CIFAR-10 search network at batch 8, 1 timed step after 1 warm-up; a few minutes on two
 cores); ``--paper`` is the paper-scale batch (64, 5 steps after 2 warm-ups).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .bench import COUNTERPARTS, PRECISION, BenchConfig, available_rows, run_ben
 __all__ = ['PRESETS', 'bench_main', 'build_parser', 'format_table', 'progress_line']
 
 #: ``--quick`` (the default) and ``--paper``: batch, timed steps, warm-up steps; explicit options override them.
-PRESETS: dict[str, dict[str, int]] = {'quick': {'batch_size': 8, 'steps': 2, 'warmup': 1},
+PRESETS: dict[str, dict[str, int]] = {'quick': {'batch_size': 8, 'steps': 1, 'warmup': 1},
                                       'paper': {'batch_size': 64, 'steps': 5, 'warmup': 2}}
 
 
@@ -102,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog='nni-darts bench', description='Activation memory, peak memory, time per search step and parameters of '
         'every strategy (ours and NNI\'s DARTS, GumbelDARTS, Proxyless) on the same supernet, batch and seed.')
     add = parser.add_argument
-    add('--strategies', nargs='+', metavar='NAME', help='rows to run (default: all; see --list)')
+    add('--strategies', nargs='+', metavar='NAME', help='rows to run, space- or comma-separated (default: all; see --list)')
     add('--list', action='store_true', help='list the row names and exit')
     add('--width', type=int, default=16, help='initial channels C of the search network (16)')
     add('--cells', dest='num_cells', type=int, default=8, help='cells of the search network (8)')
     add('--paper', dest='preset', action='store_const', const='paper', default='quick',
-        help='paper scale: batch 64, 5 timed steps after 2 warm-ups (default: quick, batch 8, 2 after 1)')
+        help='paper scale: batch 64, 5 timed steps after 2 warm-ups (default: quick, batch 8, 1 after 1)')
     add('--batch-size', type=int, help='batch of each of the two halves (quick 8, --paper 64)')
     add('--image-size', type=int, default=32, help='input height and width (32)')
     add('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     add('--channels-last', action='store_true', help='channels_last memory format for the supernet and inputs')
     add('--compile', action='store_true',
         help='torch.compile the supernet forward (first_step_seconds in the JSON includes the compilation)')
-    add('--steps', type=int, help='timed steps, median reported (quick 2, --paper 5)')
+    add('--steps', type=int, help='timed steps, median reported (quick 1, --paper 5)')
     add('--warmup', type=int, help='warm-up steps, where activations are counted (quick 1, --paper 2)')
     add('--seed', type=int, default=0)
     add('--isolate', action='store_true', help='run each row in a fresh process (clean heap for CPU peak RSS)')
@@ -144,7 +144,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
         print('\n'.join(available_rows()))
         return 0
     sizes = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PRESETS[args.preset].items()}
-    cfg = BenchConfig(strategies=args.strategies, width=args.width, num_cells=args.num_cells,
+    strategies = [n for a in args.strategies for n in a.split(',') if n] if args.strategies else None
+    cfg = BenchConfig(strategies=strategies, width=args.width, num_cells=args.num_cells,
                       image_size=args.image_size, device=args.device, dtype=args.dtype,
                       channels_last=args.channels_last, compile=args.compile, **sizes, seed=args.seed,
                       isolate=args.isolate, max_batch=int(args.max_batch) if args.max_batch else None,

@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ['bench']:  # the benchmark parses its own options (``nni-darts bench --help``)
         warnings.filterwarnings('ignore', message='.*is found to be not a nn.Module.*')
         from .bench import bench_main
+        from .logs import configure_logging
+        configure_logging(frameworks='--help' not in argv and '-h' not in argv)  # Lightning's per-Trainer banners
         return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

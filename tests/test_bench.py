@@ -254,11 +254,16 @@ def _captured_config(monkeypatch, argv):
 
 def test_default_is_the_quick_preset_and_paper_is_one_flag_away(monkeypatch):
     quick = _captured_config(monkeypatch, ['--device', 'cpu', '--no-prime'])
-    assert (quick.batch_size, quick.steps, quick.warmup, quick.num_cells, quick.width) == (8, 2, 1, 8, 16)
+    assert (quick.batch_size, quick.steps, quick.warmup, quick.num_cells, quick.width) == (8, 1, 1, 8, 16)
     paper = _captured_config(monkeypatch, ['--device', 'cpu', '--paper'])
     assert (paper.batch_size, paper.steps, paper.warmup) == (64, 5, 2)
     mixed = _captured_config(monkeypatch, ['--device', 'cpu', '--paper', '--batch-size', '32'])
     assert (mixed.batch_size, mixed.steps) == (32, 5)  # an explicit option overrides the preset
+
+
+def test_strategies_take_commas_as_well_as_spaces(monkeypatch):
+    rows = _captured_config(monkeypatch, ['--device', 'cpu', '--no-prime', '--strategies', 'darts,gdas', 'pcdarts'])
+    assert rows.strategies == ['darts', 'gdas', 'pcdarts']
 
 
 def test_a_progress_line_per_row_and_the_ratio_to_nni_of_the_same_algorithm(monkeypatch, capsys):
