@@ -44,7 +44,7 @@ TARGETS: dict[str, tuple[str, list[str], list[str]]] = {
     'genotype': ('nni_darts_variants.genotype', ['darts_rule'], ['tests/test_genotype_registry.py']),
     'gdas': (f'{S}.gdas', ['gumbel_noise', 'GumbelMaxEdge._probs', 'GumbelMaxEdge.op_weights', 'GumbelMaxEdge.forward',
                            'GumbelMaxEdge.resample', 'GumbelMaxInput._probs', 'GumbelMaxInput.resample',
-                           'GumbelMaxInput.forward'], [f'{T}/test_gdas.py']),
+                           'GumbelMaxInput.forward'], [f'{T}/test_gdas.py', 'tests/test_hub_spaces.py']),
     'proxyless': (f'{S}.proxyless', ['gate_to_alpha_gradient', 'rescale_sampled_alphas', 'ProxylessEdge._sample',
                                      'ProxylessEdge.cost_probs', 'ProxylessEdge.forward', 'prepare_arch_update',
                                      'finish_arch_update', 'ProxylessLightning.weight_step',

@@ -46,7 +46,10 @@ class _ReLUFirst(nn.Sequential):
     """A sequence whose first layer is a ReLU: ``forward_after_relu(relu(x)) == forward(x)``, so that the candidates
     of one edge can share the ReLU of their common input (:func:`outputs_sharing_relu`)."""
 
-    starts_with_relu = True
+    @property
+    def starts_with_relu(self) -> bool:
+        """Whether the first layer is (still) a plain ReLU: one replaced by the user (e.g. a Tanh) runs itself."""
+        return type(self[0]) is nn.ReLU
 
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         for layer in list(self._modules.values())[1:]:
@@ -88,7 +91,9 @@ class SepConv(nn.Sequential):
             DilConv(c_in, c_out, kernel_size, 1, padding, 1, affine=affine),
         )
 
-    starts_with_relu = True
+    @property
+    def starts_with_relu(self) -> bool:
+        return self[0].starts_with_relu
 
     def forward_after_relu(self, x: torch.Tensor) -> torch.Tensor:
         return self[1](self[0].forward_after_relu(x))
@@ -106,7 +111,9 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
-    starts_with_relu = True
+    @property
+    def starts_with_relu(self) -> bool:
+        return type(self.relu) is nn.ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_after_relu(self.relu(x))

@@ -150,6 +150,31 @@ def test_edge_sharing_its_relu_gives_bitwise_the_same_output(stride):
     torch.testing.assert_close(g_shared, g_separate, rtol=1e-13, atol=1e-14)
 
 
+def test_a_replaced_relu_is_not_shared():
+    """A candidate whose leading ReLU was swapped for another module (here a Tanh, as a smooth test network does)
+    runs that module: the shared ``relu(x)`` applies only to candidates that still start with a plain ReLU."""
+    from torch import nn
+
+    from search_spaces.ops import build_op, outputs_sharing_relu
+    torch.manual_seed(0)
+    ops = [build_op(name, 4, 2, affine=True).double() for name in ('sep_conv_3x3', 'dil_conv_3x3', 'skip_connect')]
+    for op in ops:
+        for parent in list(op.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.ReLU):
+                    setattr(parent, name, nn.Tanh())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    first = ops[0][0]  # the sep conv's first DilConv: (Tanh), conv, conv, BN; then its second DilConv
+    y = torch.tanh(x)
+    for layer in list(first)[1:]:
+        y = layer(y)
+    expected = ops[0][1](y)
+    shared = outputs_sharing_relu(ops, x)
+    assert not any(getattr(op, 'starts_with_relu', False) for op in ops)
+    assert torch.equal(shared[0], expected)  # recomputed layer by layer: tanh first, not relu
+    assert all(torch.equal(a, op(x)) for a, op in zip(shared, ops))
+
+
 def test_architecture_step_leaves_weight_gradients_unset(monkeypatch):
     """The shortcut is taken: after a first-order DARTS step only the weight step wrote weight gradients, and the
     architecture step's backward reached only the alphas (their grads are from the architecture loss)."""

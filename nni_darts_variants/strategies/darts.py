@@ -35,18 +35,22 @@ def virtual_step(weights: list[torch.Tensor], grads: list[torch.Tensor | None], 
     return result
 
 
-def plain_sgd_problem(nesterov: Any, dampening: Any) -> str | None:
-    """Why :func:`virtual_step` cannot predict an SGD step with these settings (``None``: it can)."""
-    if nesterov or dampening:
+def plain_sgd_problem(nesterov: Any, dampening: Any, unroll_nesterov: bool = False) -> str | None:
+    """Why :func:`virtual_step` cannot predict an SGD step with these settings (``None``: it can).
+
+    ``unroll_nesterov`` accepts a Nesterov optimizer, unrolled as plain momentum anyway (an approximation)."""
+    if (nesterov and not unroll_nesterov) or dampening:
         return (f'second-order DARTS unrolls plain momentum SGD, but the weight optimizer has nesterov={nesterov}, '
-                f'dampening={dampening}: set train.nesterov: false (and dampening 0), or use order=1')
+                f'dampening={dampening}: set train.nesterov: false (and dampening 0), or '
+                f'strategy.args.unroll_nesterov: true to unroll plain momentum anyway (as NAS-Bench-201\'s '
+                f'DARTS-V2), or use order=1')
     return None
 
 
-def check_virtual_step(optimizer: torch.optim.Optimizer) -> None:
+def check_virtual_step(optimizer: torch.optim.Optimizer, unroll_nesterov: bool = False) -> None:
     """Raise ``ValueError`` if :func:`virtual_step` cannot predict ``optimizer``'s step (Nesterov or dampened SGD)."""
     for group in optimizer.param_groups:
-        problem = plain_sgd_problem(group.get('nesterov'), group.get('dampening'))
+        problem = plain_sgd_problem(group.get('nesterov'), group.get('dampening'), unroll_nesterov)
         if problem:
             raise ValueError(problem)
 
@@ -56,7 +60,7 @@ class DartsLightning(VariantLightningModule):
 
     def on_train_start(self) -> None:
         if self.strategy.order == 2:
-            check_virtual_step(self.weight_optimizer())
+            check_virtual_step(self.weight_optimizer(), self.strategy.unroll_nesterov)
         return super().on_train_start()
 
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
@@ -143,7 +147,8 @@ class Darts(DartsVariant):
     First order uses ``grad_alpha L_val(w, alpha)``. Second order (``order=2``) unrolls one step of the weight
     optimizer (its momentum and weight decay included) and corrects with a finite-difference Hessian-vector product,
     ``eps = 0.01 / |v|``, as the official ``architect.py``. The arch step runs before the weight step. The virtual
-    step is plain momentum SGD: second order with ``train.nesterov: true`` is refused when the config resolves.
+    step is plain momentum SGD: second order with ``train.nesterov: true`` is refused when the config resolves,
+    unless ``unroll_nesterov=True``.
 
     Parameters
     ----------
@@ -152,6 +157,10 @@ class Darts(DartsVariant):
     unrolled_lr
         ``xi`` of the virtual step; ``None`` (default) uses the weight optimizer's current learning rate, as the
         official code. ``0`` makes second order equal to first order.
+    unroll_nesterov
+        With a Nesterov weight optimizer, unroll plain momentum SGD anyway, ``w - xi (mu buf + g + lambda w)``: an
+        approximation of the real step, which is what NAS-Bench-201's DARTS-V2 (AutoDL-Projects) does with its
+        Nesterov SGD; the NAS-Bench-201 ``darts-2nd`` recipes set it. Off by default: such a mismatch is refused.
     **kwargs
         See :class:`~nni_darts_variants.strategies.base.DartsVariant` (defaults: arch Adam lr 3e-4, betas
         (0.5, 0.999), weight decay 1e-3; weight gradients clipped at 5).
@@ -159,7 +168,8 @@ class Darts(DartsVariant):
 
     module_class = DartsLightning
 
-    def __init__(self, *, order: int = 1, unrolled_lr: float | None = None, **kwargs: Any):
+    def __init__(self, *, order: int = 1, unrolled_lr: float | None = None, unroll_nesterov: bool = False,
+                 **kwargs: Any):
         if order not in (1, 2):
             raise ValueError(f'order must be 1 or 2, got {order!r}')
         if unrolled_lr is not None and unrolled_lr < 0:
@@ -167,6 +177,7 @@ class Darts(DartsVariant):
         super().__init__(**kwargs)
         self.order = order
         self.unrolled_lr = unrolled_lr
+        self.unroll_nesterov = bool(unroll_nesterov)
 
     @classmethod
     def check_trainer(cls, max_epochs: int | None, *, train: dict[str, Any] | None = None,
@@ -174,7 +185,9 @@ class Darts(DartsVariant):
         """Also refuse second order with ``train.nesterov: true`` when the config resolves (the weight optimizer
         itself is checked again at train start, for optimizers configured in code)."""
         super().check_trainer(max_epochs, train=train, **strategy_args)
-        if train is not None and cls.resolved_arguments(**strategy_args).get('order') == 2:
-            problem = plain_sgd_problem(train.get('nesterov', False), train.get('dampening', 0))
+        resolved = cls.resolved_arguments(**strategy_args)
+        if train is not None and resolved.get('order') == 2:
+            problem = plain_sgd_problem(train.get('nesterov', False), train.get('dampening', 0),
+                                        bool(resolved.get('unroll_nesterov')))
             if problem:
                 raise ValueError(problem)

@@ -378,6 +378,9 @@ def test_second_order_with_nesterov_is_refused_when_the_config_resolves(name, tm
         resolve_config(config(2, True))
     resolve_config(config(1, True))
     resolve_config(config(2, False))
+    accepted = config(2, True)  # the explicit approximation of NAS-Bench-201's DARTS-V2 (AutoDL-Projects)
+    accepted['strategy']['args']['unroll_nesterov'] = True
+    resolve_config(accepted)
     path = tmp_path / 'c.yml'
     path.write_text(yaml.safe_dump(config(2, True)))
     assert main(['search', str(path), '-o', str(tmp_path / 'run')]) == 2
