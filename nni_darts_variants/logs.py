@@ -35,6 +35,22 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.starts)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a line is written: pytest, notebooks and nnictl's trial
+    runner swap it, and a handler bound to an earlier (since closed) stream would fail on every line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102 - the current stderr, always
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__/setStream assign it: nothing to keep
+        pass
+
+
 def configure_logging(verbose: bool = False, debug: bool = False, frameworks: bool = True) -> None:
     """Set up the terminal: this package's lines on stderr, NNI/Lightning quiet unless ``verbose`` (or ``debug``).
 
@@ -42,7 +58,7 @@ def configure_logging(verbose: bool = False, debug: bool = False, frameworks: bo
     """
     package = logging.getLogger('nni_darts_variants')
     if not any(getattr(h, '_nni_darts', False) for h in package.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter('%(levelname)s %(message)s'))
         handler._nni_darts = True
         package.addHandler(handler)
