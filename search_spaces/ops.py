@@ -139,17 +139,27 @@ class PoolBN(nn.Sequential):
         super().__init__(*layers)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see the module or one of its layers (its own, or a global one): such a module
+    runs through its own ``__call__`` (profilers, counters and users' hooks keep working), unshared."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def outputs_sharing_relu(modules: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """``[m(x) for m in modules]``, with one ``relu(x)`` for all the modules that start with a ReLU
     (``starts_with_relu``: the sep and dil convs, ``FactorizedReduce``, ``ReLUConvBN``).
 
     The outputs are bitwise those of the modules; the gradient to ``x`` is the same sum, in float rounding
-    (the ReLU's mask is applied once to the sum of the candidates' gradients instead of to each).
+    (the ReLU's mask is applied once to the sum of the candidates' gradients instead of to each). A module with a
+    forward hook on it or on one of its layers runs whole, so that the hook fires.
     """
     relu: torch.Tensor | None = None
     outputs = []
     for module in modules:
-        if getattr(module, 'starts_with_relu', False):
+        if getattr(module, 'starts_with_relu', False) and not _hooked(module):
             if relu is None:
                 relu = F.relu(x)
             outputs.append(module.forward_after_relu(relu))
