@@ -276,3 +276,50 @@ def test_edge_gradient_is_the_straight_through_gumbel_softmax_at_the_temperature
     (h[k] * (c * reference_out).sum()).backward()
     torch.testing.assert_close(edge.alpha.grad, alpha.grad, rtol=1e-9, atol=1e-12)
     assert float(alpha.grad.abs().max()) > 0
+
+
+def _free_input(n_candidates: int, n_chosen: int | None, reduction: str, alpha: torch.Tensor):
+    from nni.mutable import frozen_context
+    from torch import nn
+
+    from nni_darts_variants.strategies.gdas import GumbelMaxInput
+    with frozen_context():  # NNI's mixed input checks its choice's context when built outside a model space
+        module = GumbelMaxInput(n_candidates, n_chosen, nn.Parameter(alpha.clone()), nn.Softmax(-1), 'pick')
+    module.reduction = reduction
+    return module
+
+
+@pytest.mark.parametrize('reduction', ['sum', 'mean'])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_free_input_choice_is_gumbel_top_k_with_straight_through_weights(reduction, seed):
+    """GDAS on a free ``InputChoice``: the ``n_chosen`` largest ``log_softmax(alpha) + g`` are taken (Gumbel-top-k),
+    the value is their plain sum (or mean), and alpha's gradient is that of ``sum_k <c, x_k> h_k`` with
+    ``h = softmax((log_softmax(alpha) + g) / tau)`` (straight-through), at tau = 3; computed here from the formula."""
+    import torch.nn.functional as F
+    torch.manual_seed(seed)
+    alpha = torch.randn(5, dtype=torch.float64)
+    module = _free_input(5, 2, reduction, alpha)
+    module.temperature = 3.0
+    module.resample({})
+    noise = module._noise.detach().clone()
+    expected_chosen = sorted(torch.topk(F.log_softmax(alpha, -1) + noise, 2).indices.tolist())
+    assert module.chosen == expected_chosen
+    xs = [torch.randn(2, 3, dtype=torch.float64) for _ in range(5)]
+    out = module(xs)
+    value = sum(xs[j] for j in expected_chosen)
+    value = value / 2 if reduction == 'mean' else value
+    torch.testing.assert_close(out.detach(), value, rtol=1e-12, atol=1e-12)
+    c = torch.randn_like(out)
+    (c * out).sum().backward()
+    reference = alpha.clone().requires_grad_()
+    h = F.softmax((F.log_softmax(reference, -1) + noise) / 3.0, -1)
+    total = sum((c * xs[j]).sum() * h[j] for j in expected_chosen)
+    (total / 2 if reduction == 'mean' else total).backward()
+    torch.testing.assert_close(module._arch_alpha.grad, reference.grad, rtol=1e-9, atol=1e-12)
+    assert float(reference.grad.abs().max()) > 0
+
+
+def test_free_input_choice_without_n_chosen_takes_one_input():
+    module = _free_input(4, None, 'sum', torch.zeros(4, dtype=torch.float64))
+    module.resample({})
+    assert len(module.chosen) == 1
