@@ -410,3 +410,62 @@ def test_two_candidate_edge_samples_both_in_the_arch_step():
     assert sorted(ProxylessEdge._sample(edge)) == [0, 1]
     edge.phase = 'weight'
     assert len(ProxylessEdge._sample(edge)) == 1
+
+
+def test_two_path_edge_value_is_the_active_output_and_alpha_gets_the_binary_gate_gradient(supernet, edges_of):
+    """Arch phase, two paths ``(i, j)``: the value is ``o_i(x)`` (gates one-hot in value), and with
+    ``g_m = <dL/dout, o_m(x)>`` and ``p = softmax(alpha[(i, j)])`` the official binary-gate rule gives
+    ``dL/dalpha_k = p_k (g_k - sum_m p_m g_m)`` on the pair and 0 elsewhere (computed here from the formula).
+    In the weight phase only the active path runs and alpha gets no gradient, even when it requires one."""
+    _, model = supernet('two')
+    edges = edges_of(model, ProxylessEdge)
+    edge = edges[0]
+    assert edge.label == 'normal/op_2_0'  # stride 1, width 8 in the tiny space
+    i, j = edge.names.index('sep_conv_3x3'), edge.names.index('dil_conv_5x5')
+    x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+    edge.phase, edge.paths = 'arch', (i, j)
+    out = edge(x)
+    o_i, o_j = edge.run_path(i, x).detach(), edge.run_path(j, x).detach()
+    torch.testing.assert_close(out.detach(), o_i, rtol=1e-12, atol=1e-12)
+    c = torch.randn_like(out)
+    edge.alpha.grad = None
+    (c * out).sum().backward()
+    g = torch.stack([(c * o_i).sum(), (c * o_j).sum()])
+    p = F.softmax(edge.alpha.detach()[[i, j]], -1)
+    expected = torch.zeros_like(edge.alpha)
+    expected[[i, j]] = p * (g - (p * g).sum())
+    torch.testing.assert_close(edge.alpha.grad, expected, rtol=1e-9, atol=1e-14)
+
+    edge.alpha.grad = None
+    edge.phase = 'weight'
+    assert edge.alpha.requires_grad
+    calls, handles = count_candidate_calls(edges)
+    out = edge(x)
+    for h in handles:
+        h.remove()
+    assert sum(calls.values()) == 1
+    (c * out).sum().backward()
+    assert edge.alpha.grad is None
+
+
+def test_an_edge_used_before_any_sample_draws_one(supernet, edges_of):
+    _, model = supernet('two')
+    edge = edges_of(model, ProxylessEdge)[0]
+    edge.paths, edge.phase = None, 'weight'
+    edge(torch.randn(2, 8, 8, 8, dtype=torch.float64))
+    assert edge.paths is not None and len(edge.paths) == 1  # the weight phase draws one path
+
+
+def test_only_two_path_mode_keeps_the_pair_for_the_rescale(supernet, edges_of):
+    """``prepare_arch_update`` keeps the two involved alphas only in two-path mode; in ``full_v2`` nothing is
+    rescaled, even when the edge holds two paths."""
+    for mode in ('two', 'full_v2'):
+        _, model = supernet(mode)
+        edge = edges_of(model, ProxylessEdge)[0]
+        pair = (edge.names.index('sep_conv_3x3'), edge.names.index('max_pool_3x3'))
+        edge.paths = pair
+        prepare_arch_update([edge])
+        if mode == 'two':
+            torch.testing.assert_close(edge.alpha_before, edge.alpha.detach()[list(pair)])
+        else:
+            assert edge.alpha_before is None
