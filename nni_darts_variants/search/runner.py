@@ -68,7 +68,6 @@ def _build_data(cfg: dict[str, Any]) -> SearchData:
                              image_size=d['image_size'], limit=d['limit'], seed=cfg['seed'], subset=d['subset'],
                              weight_fraction=d['weight_fraction'], arch_fraction=d['arch_fraction'],
                              in_memory=d['in_memory'])
-    _logger.info('data %s', data.description)
     return data
 
 
@@ -194,6 +193,7 @@ def _prepare(config: Any, overrides: list[str], output: str | Path | None, resum
     space = space_factory()
     strategy = create_strategy(cfg['strategy']['name'], **cfg['strategy']['args'])
     _check_supernet(cfg, space_factory)
+    _logger.info('data %s', data.description)  # once every check passed: a bad input's error stays the only line
     return cfg, run_dir, data, space_factory, space, strategy, ckpt_path
 
 
