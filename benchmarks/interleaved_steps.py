@@ -1,4 +1,4 @@
-"""Before/after step times on a loaded machine: ours now, ours as at main 1e17334, ours before the speed work, NNI's
+"""Before/after step times on a loaded machine: ours now, ours as at main 729daa5, ours before the speed work, NNI's
 row of the same algorithm, measured in ONE process with interleaved repeats (after, main, NNI, then main, NNI,
 after, ...: the order turns each repeat), so that the load of other jobs hits all of them alike.
 
@@ -7,10 +7,15 @@ Usage: python benchmarks/interleaved_steps.py --strategies darts pcdarts gdas pr
 
 * ``after``: the current code in NCHW (every exact shortcut, the shared ReLU of each edge);
   ``after+channels_last``: the same in channels_last (``--channels-last-rows``, the CPU default of a search);
-* ``main``: the code of main 1e17334 (the shared ReLU off: ``MixedEdge.share_relu = False``), NCHW;
-* ``before`` (``--pre-speed``): also ``VariantLightningModule.skip_unread_gradients = False`` and the mixed edges'
-  ``zero_names`` emptied (``none`` computed, weighted and summed): the code before the speed work;
-* ``nni`` (and ``nni+channels_last`` with ``--nni-channels-last``): NNI's row (``bench.COUNTERPARTS``).
+* ``main``: the code of main 729daa5: the dilated depthwise rewrite off (``DepthwiseConv2d.fast_backward``), max
+  pools in NCHW (``MaxPool2d.via_channels_last``), mixed edges in NCHW (``MixedEdge.channels_last_inside``), the
+  architecture step's weights not frozen (``VariantLightningModule.frozen_weights`` a no-op);
+* ``before`` (``--pre-speed``): also the shared ReLU off (``MixedEdge.share_relu = False``),
+  ``VariantLightningModule.skip_unread_gradients = False`` and the mixed edges' ``zero_names`` emptied (``none``
+  computed, weighted and summed): the code before the speed work;
+* ``nni`` (and ``nni+channels_last`` with ``--nni-channels-last``): NNI's row (``bench.COUNTERPARTS``), on the same
+  space, so with the operations' own rewrites (``DepthwiseConv2d``, ``MaxPool2d``); ``nni@main`` (``--nni-main``):
+  NNI's row with those off too, i.e. NNI on the space as at main 729daa5.
 
 Each measurement is one ``nni-darts bench`` row (1 warm-up step, then ``--steps`` timed); the median over the
 repeats is printed, with the ratios.
@@ -29,10 +34,12 @@ import torch
 
 @contextlib.contextmanager
 def unoptimised(level: str):
-    """``level`` 'main': the shared ReLU off; 'before': every shortcut off as well."""
+    """``level`` 'main': this session's rewrite and freeze off; 'before': every shortcut off as well."""
     from nni_darts_variants import bench
     from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
+    from search_spaces.ops import DepthwiseConv2d, MaxPool2d
     build = bench.build_row_module
+    frozen_weights = VariantLightningModule.frozen_weights
 
     def build_without_zero_skip(row, cfg):
         built = build(row, cfg)
@@ -40,13 +47,17 @@ def unoptimised(level: str):
             if isinstance(module, MixedEdge):
                 module.zero_names = set()
         return built
-    MixedEdge.share_relu = False
+    DepthwiseConv2d.fast_backward = MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = False
+    VariantLightningModule.frozen_weights = lambda self: contextlib.nullcontext()
     if level == 'before':
+        MixedEdge.share_relu = False
         VariantLightningModule.skip_unread_gradients = False
         bench.build_row_module = build_without_zero_skip
     try:
         yield
     finally:
+        DepthwiseConv2d.fast_backward = MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = True
+        VariantLightningModule.frozen_weights = frozen_weights
         MixedEdge.share_relu = True
         VariantLightningModule.skip_unread_gradients = True
         bench.build_row_module = build
@@ -55,7 +66,7 @@ def unoptimised(level: str):
 def _print_medians(row: str, label: str, med: dict[str, float]) -> None:
     pairs = [('after', 'main'), ('after+channels_last', 'main'), ('after+channels_last', 'after'), ('main', 'nni'),
              ('after', 'nni'), ('after+channels_last', 'nni'), ('after+channels_last', 'nni+channels_last'),
-             ('after', 'before'), ('nni+channels_last', 'nni')]
+             ('after', 'before'), ('nni+channels_last', 'nni'), ('after', 'nni@main'), ('nni', 'nni@main')]
     ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in pairs if k in med and b in med)
     print(f'{row} ({label}): ' + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in med.items()) + f' | {ratios}',
           flush=True)
@@ -72,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument('--channels-last-rows', nargs='*', default=[], metavar='ROW',
                         help='rows also measured in channels_last')
     parser.add_argument('--nni-channels-last', action='store_true', help="NNI's rows in channels_last as well")
+    parser.add_argument('--nni-main', action='store_true',
+                        help="NNI's rows also on the operations as at main (nni@main)")
     parser.add_argument('--pre-speed', action='store_true', help='also the code before the speed work (before)')
     parser.add_argument('--output', help='JSON of every measurement')
     args = parser.parse_args(argv)
@@ -85,6 +98,8 @@ def main(argv=None) -> int:
             variants['before'] = (row, cfg, 'before')
         if nni_row:
             variants['nni'] = (nni_row, cfg, None)
+            if args.nni_main:
+                variants['nni@main'] = (nni_row, cfg, 'main')
         if row in args.channels_last_rows:
             variants['after+channels_last'] = (row, replace(cfg, channels_last=True), None)
             if nni_row and args.nni_channels_last:

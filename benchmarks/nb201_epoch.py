@@ -1,6 +1,7 @@
 """Images per second of whole NAS-Bench-201 CPU-protocol search epochs, data loading included: the current code
-against main 1e17334 (``MixedEdge.share_relu = False``) and, with ``--channels-last``, the current code in
-channels_last, interleaved in one process (the order turns each repeat).
+against main 729daa5 (``interleaved_steps.unoptimised('main')``), with ``--pre-speed`` also the code before the speed
+work, and with ``--channels-last`` the current code in channels_last, interleaved in one process (the order turns
+each repeat).
 
 Usage: python benchmarks/nb201_epoch.py [--recipe experiments/nasbench201/cpu/darts-1st.yml] [--epochs 2]
        [--repeats 2] [--channels-last]
@@ -31,11 +32,13 @@ def _labels(batch) -> int:
     return sum(_labels(part) for part in batch) if isinstance(batch, (list, tuple)) else 0
 
 
-def measure(recipe: str, epochs: int, share_relu: bool, channels_last: bool) -> tuple[float, float]:
+def measure(recipe: str, epochs: int, level: str | None, channels_last: bool) -> tuple[float, float]:
+    import contextlib
+
     import pytorch_lightning as pl
+    from interleaved_steps import unoptimised
 
     from nni_darts_variants.search.runner import run_search
-    from nni_darts_variants.strategies.base import MixedEdge
 
     class EpochClock(pl.Callback):
         def __init__(self) -> None:
@@ -54,14 +57,10 @@ def measure(recipe: str, epochs: int, share_relu: bool, channels_last: bool) -> 
                                    self.images / (time.process_time() - self.cpu)))
 
     clock = EpochClock()
-    MixedEdge.share_relu = share_relu
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            run_search(recipe, [f'train.max_epochs={epochs}', 'train.threads=1', 'output.bundle=false',
-                                'train.progress_bar=false', f'train.channels_last={str(channels_last).lower()}'],
-                       output=out, callbacks=[clock])
-    finally:
-        MixedEdge.share_relu = True
+    with unoptimised(level) if level else contextlib.nullcontext(), tempfile.TemporaryDirectory() as out:
+        run_search(recipe, [f'train.max_epochs={epochs}', 'train.threads=1', 'output.bundle=false',
+                            'train.progress_bar=false', f'train.channels_last={str(channels_last).lower()}'],
+                   output=out, callbacks=[clock])
     return statistics.median(r[0] for r in clock.rates), statistics.median(r[1] for r in clock.rates)
 
 
@@ -71,13 +70,16 @@ def main(argv=None) -> int:
     parser.add_argument('--epochs', type=int, default=2, help='epochs per run; all but the first are timed')
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--pre-speed', action='store_true', help='also the code before the speed work (before)')
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error('--epochs must be at least 2 (the first epoch is not timed)')
     torch.set_num_threads(1)
-    variants = {'after': (True, False), 'main': (False, False)}
+    variants = {'after': (None, False), 'main': ('main', False)}
+    if args.pre_speed:
+        variants['before'] = ('before', False)
     if args.channels_last:
-        variants['after+channels_last'] = (True, True)
+        variants['after+channels_last'] = (None, True)
     keys = list(variants)
     rates: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     for repeat in range(args.repeats):

@@ -6,7 +6,7 @@ batch norm and bare pools (``affine=True, pool_bn=False``).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     'PRIMITIVES', 'OPS', 'build_op', 'Zero', 'FactorizedReduce', 'ReLUConvBN', 'SepConv', 'DilConv', 'PoolBN',
-    'outputs_sharing_relu',
+    'DepthwiseConv2d', 'MaxPool2d', 'nchw_on_cpu', 'outputs_sharing_relu',
 ]
 
 #: The DARTS search-space operations, in the official order (``none`` first).
@@ -68,6 +68,97 @@ class ReLUConvBN(_ReLUFirst):
         )
 
 
+def _space_to_batch(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``(N, C, H, W) -> (N*d*d, C, H/d, W/d)``: the ``d x d`` phases of ``t`` as separate images (a dilated
+    convolution of ``t`` is the undilated one of each phase), in ``t``'s memory format."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        phases = t.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(0, 2, 4, 5, 1, 3)
+        return phases.reshape(n * d * d, c, h // d, w // d).contiguous(memory_format=torch.channels_last)
+    return t.reshape(n, c, h // d, d, w // d, d).permute(0, 3, 5, 1, 2, 4).reshape(n * d * d, c, h // d, w // d)
+
+
+class _DilatedDepthwise(torch.autograd.Function):
+    """A stride-1 dilated depthwise convolution with "same" padding, whose backward avoids oneDNN's slow dilated
+    backward on CPU: the input gradient is the convolution of the output gradient with the flipped kernel (same
+    dilation and padding), the weight gradient the undilated weight gradient over the ``d x d`` phases.
+
+    Both are the same sums as the native backward, in another order (float rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int],
+                dilation: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation = padding, dilation
+        return F.conv2d(x, weight, None, 1, padding, dilation, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        channels, d = weight.shape[0], ctx.dilation[0]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-1, -2), None, 1, ctx.padding, ctx.dilation, channels)
+        if ctx.needs_input_grad[1]:
+            half = ((weight.shape[-2] - 1) // 2, (weight.shape[-1] - 1) // 2)
+            grad_w = torch.ops.aten.convolution_backward(
+                _space_to_batch(grad, d), _space_to_batch(x, d), weight, None, (1, 1), half, (1, 1), False, (0, 0),
+                channels, (False, True, False))[1]
+        return grad_x, grad_w, None, None
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise convolution (``groups == in_channels == out_channels``, no bias), as ``nn.Conv2d``.
+
+    Dilated ones are rewritten when they train on CPU, where oneDNN's dilated depthwise backward is 5-20x slower than
+    the forward (``benchmarks/depthwise_backward.py``): at stride = dilation (DARTS's ``dil_conv`` on reduction edges)
+    as the undilated convolution of the subsampled input (the same products and sums: bitwise the native result),
+    at stride 1 with a custom backward (:class:`_DilatedDepthwise`, equal within float rounding). Forwards without
+    gradient, on other devices, traced, scripted or compiled run ``nn.Conv2d``'s own. ``fast_backward = False``
+    switches the rewrite off (the exactness tests compare both).
+    """
+
+    fast_backward: ClassVar[bool] = True
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1):
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=channels, bias=False)
+
+    def _rewrite(self, x: torch.Tensor) -> str | None:
+        if not (self.fast_backward and self.dilation != (1, 1) and x.device.type == 'cpu' and x.dim() == 4
+                and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and self.padding_mode == 'zeros' and isinstance(self.padding, tuple)):
+            return None
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return None
+        (dh, dw), (ph, pw), (kh, kw) = self.dilation, self.padding, self.kernel_size
+        if dh != dw:
+            return None
+        if self.stride == (1, 1) and kh % 2 and kw % 2 and 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1) \
+                and x.shape[-2] % dh == 0 and x.shape[-1] % dw == 0:
+            return 'phases'
+        if self.stride == self.dilation and ph % dh == 0 and pw % dw == 0:
+            return 'subsample'
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rewrite = self._rewrite(x)
+        if rewrite == 'phases':
+            return _DilatedDepthwise.apply(x, self.weight, self.padding, self.dilation)
+        if rewrite == 'subsample':
+            (dh, dw), (ph, pw) = self.dilation, self.padding
+            return F.conv2d(x[:, :, ::dh, ::dw], self.weight, None, 1, (ph // dh, pw // dw), 1, self.groups)
+        return super().forward(x)
+
+
+def nchw_on_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a plain NCHW CPU tensor outside tracing, scripting and compilation (the condition of the
+    channels-last rewrites: ``MaxPool2d`` here, the mixed edges of the strategies)."""
+    return (x.device.type == 'cpu' and x.dim() == 4 and x.is_contiguous()
+            and not x.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()))
+
+
 class DilConv(_ReLUFirst):
     """ReLU, depthwise (dilated) convolution, pointwise convolution, batch norm."""
 
@@ -75,8 +166,7 @@ class DilConv(_ReLUFirst):
                  affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=c_in,
-                      bias=False),
+            DepthwiseConv2d(c_in, kernel_size, stride=stride, padding=padding, dilation=dilation),
             nn.Conv2d(c_in, c_out, 1, bias=False),
             nn.BatchNorm2d(c_out, affine=affine),
         )
@@ -125,12 +215,26 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools an NCHW input on CPU in channels-last (and returns NCHW): oneDNN's NHWC max pool
+    is several times faster there, and picks the same maxima, so output and gradient are bitwise those of the NCHW
+    kernel (``tests/test_depthwise.py``). Traced, scripted, compiled and non-CPU forwards run the plain pool;
+    ``via_channels_last = False`` switches it off."""
+
+    via_channels_last: ClassVar[bool] = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.via_channels_last and not self.return_indices and nchw_on_cpu(x):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)
+
+
 class PoolBN(nn.Sequential):
     """3x3 max or average pooling, followed by a batch norm in the search network."""
 
     def __init__(self, kind: str, channels: int, stride: int, affine: bool = True, bn: bool = True):
         if kind == 'max':
-            pool: nn.Module = nn.MaxPool2d(3, stride=stride, padding=1)
+            pool: nn.Module = MaxPool2d(3, stride=stride, padding=1)
         elif kind == 'avg':
             pool = nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
         else:

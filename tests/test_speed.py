@@ -21,10 +21,15 @@ CFG = dict(width=4, num_cells=3, batch_size=3, image_size=8, steps=2, warmup=1, 
 
 
 def _search(row: str, optimised: bool, monkeypatch, precision: str = '64-true', share_relu: bool = True,
-            **cfg_overrides):
+            rewrites: bool = True, **cfg_overrides):
     import pytorch_lightning as pl
+
+    from search_spaces import ops
     monkeypatch.setattr(VariantLightningModule, 'skip_unread_gradients', optimised)
     monkeypatch.setattr(MixedEdge, 'share_relu', share_relu)
+    monkeypatch.setattr(ops.DepthwiseConv2d, 'fast_backward', rewrites)
+    monkeypatch.setattr(MixedEdge, 'channels_last_inside', rewrites)
+    monkeypatch.setattr(ops.MaxPool2d, 'via_channels_last', rewrites)
     cfg = BenchConfig(**{**CFG, **cfg_overrides}).check()
     pl.seed_everything(0, verbose=False)
     _, module, epochs, _ = bench.build_row_module(row, cfg)
@@ -76,13 +81,21 @@ def _assert_same_within(result, reference, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize('row', ['darts', 'pcdarts', pytest.param('darts-2nd', marks=pytest.mark.slow)])
-def test_shared_relu_gives_the_same_search_within_float64_rounding(row, monkeypatch):
-    """One ReLU per edge instead of one per sep/dil conv: the forward is bitwise the same, the gradient to the edge
-    input sums the same terms in another order (so float64 agrees to ~1e-15 relative, not bitwise)."""
-    if row not in bench.available_rows():
-        pytest.skip(f'{row} not registered')
-    _assert_same_within(_search(row, True, monkeypatch), _search(row, True, monkeypatch, share_relu=False),
+@pytest.mark.parametrize('row', ['darts', 'pcdarts', pytest.param('darts-2nd', marks=pytest.mark.slow),
+                                 pytest.param('gdas', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('channels_last', [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_convolution_rewrites_give_the_same_search_within_float64_rounding(row, channels_last, monkeypatch):
+    """The CPU rewrites (dilated depthwise convolutions: ``DepthwiseConv2d.fast_backward``; max pools in
+    channels-last: ``MaxPool2d``; mixed edges computed in channels-last: ``MixedEdge.channels_last_inside``) against
+    torch's own NCHW kernels: after 3 steps in float64 the alphas and weights agree to float64 rounding. In an NHWC
+    search (``channels_last``) only the dilated convolutions' rewrite is left to act."""
+    from search_spaces.ops import DepthwiseConv2d
+    taken = []
+    rewrite = DepthwiseConv2d._rewrite
+    monkeypatch.setattr(DepthwiseConv2d, '_rewrite', lambda self, x: taken.append(rewrite(self, x)) or taken[-1])
+    result = _search(row, True, monkeypatch, channels_last=channels_last)
+    assert {'phases', 'subsample'} <= set(taken)  # both rewrites ran (stride 1 in cells, stride 2 on reductions)
+    _assert_same_within(result, _search(row, True, monkeypatch, channels_last=channels_last, rewrites=False),
                         rtol=1e-12, atol=1e-14)
 
 
@@ -188,6 +201,24 @@ def test_architecture_step_leaves_weight_gradients_unset(monkeypatch):
     monkeypatch.setattr(VariantLightningModule, 'arch_backward_inputs', spy)
     _search('darts', True, monkeypatch, steps=1)
     assert calls and calls[0] > 0
+
+
+def test_architecture_step_builds_its_graph_without_the_weights(monkeypatch):
+    """Inside the architecture step's forward every network weight is frozen (so no layer saves anything for, or
+    computes, a weight gradient) and the alphas are not; afterwards the weights train again."""
+    seen = []
+    original = VariantLightningModule.architecture_loss
+
+    def spy(self, *args, **kwargs):
+        arch = {id(p) for p in self.arch_parameters()}
+        seen.append((any(p.requires_grad for p in self.training_module.parameters() if id(p) not in arch),
+                     all(p.requires_grad for p in self.arch_parameters())))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(VariantLightningModule, 'architecture_loss', spy)
+    _, _, edges = _search('darts', True, monkeypatch, steps=1)
+    assert seen and all(s == (False, True) for s in seen)
+    weights = [p for e in edges for p in e.parameters() if p.dim() > 1]
+    assert weights and all(p.requires_grad for p in weights)
 
 
 def _image_folder(root, n=12, size=32):

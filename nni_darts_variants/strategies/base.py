@@ -26,7 +26,7 @@ from nni.nas.oneshot.pytorch.supermodule.differentiable import (DifferentiableMi
 from nni.nas.oneshot.pytorch.supermodule.operation import NATIVE_MIXED_OPERATIONS
 
 from search_spaces.cell import DartsCell, edge_label, input_label
-from search_spaces.ops import outputs_sharing_relu
+from search_spaces.ops import nchw_on_cpu, outputs_sharing_relu
 from ..cost.penalty import HardwareCost, cost_from_config
 from ..genotype import CELL_TYPES, Genotype, darts_rule
 from .nni_spaces import (FALLBACKS_KEY, MixedCell, dangling, is_cell_node, mark_cell_nodes, note_fallback,
@@ -129,6 +129,20 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
 
     #: One ``relu(x)`` for the candidates that start with a ReLU (:func:`~search_spaces.ops.outputs_sharing_relu`).
     share_relu: ClassVar[bool] = True
+
+    #: On CPU, an NCHW edge input is run through the candidates in channels-last and the edge's output given back in
+    #: NCHW (one copy in, one out, per edge): oneDNN's NHWC depthwise, pointwise and pooling kernels, forward and
+    #: backward, are several times faster than its NCHW ones on the CPUs measured (README "Speed"). The same
+    #: arithmetic in another summation order: equal within float rounding (``tests/test_speed.py``). An NHWC input
+    #: (``train.channels_last``), another device, tracing and compilation run as they are.
+    channels_last_inside: ClassVar[bool] = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if (self.channels_last_inside and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+                and nchw_on_cpu(args[0])):
+            out = super().__call__(args[0].contiguous(memory_format=torch.channels_last))
+            return out.contiguous() if isinstance(out, torch.Tensor) else out
+        return super().__call__(*args, **kwargs)
 
     @property
     def alpha(self) -> nn.Parameter:
@@ -290,9 +304,9 @@ class VariantLightningModule(DartsLightningModule):
     hooks read their hyper-parameters from it.
     """
 
-    #: Skip the gradients nobody reads (exact, tested in ``tests/test_speed.py``): the architecture step
-    #: back-propagates to the architecture parameters only (the weight step zeroes the weight gradients before its
-    #: own backward), and the weight step's forward runs with them frozen (the next architecture step zeroes their
+    #: Skip the gradients nobody reads (exact, tested in ``tests/test_speed.py``): the architecture step builds its
+    #: graph with the weights frozen and back-propagates to the architecture parameters only (the weight step zeroes
+    #: the weight gradients before its own backward), and the weight step's forward runs with them frozen (the next architecture step zeroes their
     #: gradients). Off under several processes, where DDP's reducer expects a gradient for every parameter it saw.
     skip_unread_gradients: ClassVar[bool] = True
 
@@ -388,8 +402,9 @@ class VariantLightningModule(DartsLightningModule):
 
     def compute_arch_gradients(self, trn_batch: Any, val_batch: Any, batch_idx: int) -> torch.Tensor:
         """Fill ``.grad`` of the architecture parameters; first order: the gradient of the validation loss."""
-        loss = self.architecture_loss(val_batch, batch_idx)
-        self.manual_backward(loss, **self.arch_backward_inputs())
+        with self.frozen_weights():
+            loss = self.architecture_loss(val_batch, batch_idx)
+            self.manual_backward(loss, **self.arch_backward_inputs())
         return loss
 
     def skips_unread_gradients(self) -> bool:
@@ -410,6 +425,24 @@ class VariantLightningModule(DartsLightningModule):
     def frozen_architecture(self) -> Iterator[None]:
         """Build the graph inside without the architecture parameters (when skipping unread gradients)."""
         params = [p for p in self.arch_parameters() if p.requires_grad] if self.skips_unread_gradients() else []
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """Build the graph inside without the network weights (when skipping unread gradients): the architecture
+        step's backward then computes no weight gradient at all (``inputs=`` alone still lets each layer's backward
+        see that its weight requires one), and the layers save nothing for it."""
+        if not self.skips_unread_gradients():
+            yield
+            return
+        arch = {id(p) for p in self.arch_parameters()}
+        params = [p for p in self.training_module.parameters() if id(p) not in arch and p.requires_grad]
         for p in params:
             p.requires_grad_(False)
         try:
