@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,11 @@ class PartialChannelEdge(MixedEdge):
     the same treatment wherever their candidates keep the channel count: they are rebuilt at ``C/K`` channels
     (:meth:`from_candidates`); the rest are mixed over all channels (K=1) and listed in one warning.
     """
+
+    #: Kept NCHW: in the tiny conformance search a channel slice of a channels-last edge input crashed the process
+    #: inside a oneDNN backward (glibc "free(): invalid next size"; torch 2.14.1, CPU), and PC-DARTS gained least
+    #: from channels-last anyway (its candidates see C/K channels).
+    channels_last_inside: ClassVar[bool] = False
 
     def __init__(self, candidates: dict[str, nn.Module], alpha: nn.Parameter, label: str, *,
                  partial_channels_k: int = 1, stride: int = 1):
