@@ -221,7 +221,7 @@ class MaxPool2d(nn.MaxPool2d):
     kernel (``tests/test_depthwise.py``). Traced, scripted, compiled and non-CPU forwards run the plain pool;
     ``via_channels_last = False`` switches it off."""
 
-    via_channels_last: ClassVar[bool] = True
+    via_channels_last: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.via_channels_last and not self.return_indices and nchw_on_cpu(x):

@@ -77,10 +77,11 @@ def test_state_dict_is_that_of_a_conv2d():
 
 
 @pytest.mark.parametrize('stride', [1, 2])
-def test_max_pool_through_channels_last_is_bitwise_the_nchw_pool(stride):
+def test_max_pool_through_channels_last_is_bitwise_the_nchw_pool(stride, monkeypatch):
     """The NCHW max pool, computed in NHWC: the same maxima (ties included: ReLU'd inputs have many zeros), the
     same gradient, an NCHW result."""
     from search_spaces.ops import MaxPool2d
+    monkeypatch.setattr(MaxPool2d, 'via_channels_last', True)  # an option, off by default
     torch.manual_seed(0)
     x = torch.randn(3, 5, 9, 9, dtype=torch.float64).relu().requires_grad_()
     pool = MaxPool2d(3, stride=stride, padding=1)
@@ -100,6 +101,8 @@ def test_mixed_edge_runs_its_candidates_in_channels_last_and_returns_nchw(monkey
 
     from nni_darts_variants.strategies.base import MixedEdge
     from search_spaces import ops
+    monkeypatch.setattr(MixedEdge, 'channels_last_inside', True)  # options, off by default
+    monkeypatch.setattr(ops.MaxPool2d, 'via_channels_last', True)
     torch.manual_seed(0)
     candidates = {name: ops.build_op(name, 6, 1, affine=False, pool_bn=True) for name in ops.PRIMITIVES}
     alpha = torch.nn.Parameter(torch.randn(len(ops.PRIMITIVES), dtype=torch.float64))

@@ -135,7 +135,7 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
     #: backward, are several times faster than its NCHW ones on the CPUs measured (README "Speed"). The same
     #: arithmetic in another summation order: equal within float rounding (``tests/test_speed.py``). An NHWC input
     #: (``train.channels_last``), another device, tracing and compilation run as they are.
-    channels_last_inside: ClassVar[bool] = True
+    channels_last_inside: ClassVar[bool] = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (self.channels_last_inside and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
