@@ -3,9 +3,11 @@ row of the same algorithm, measured in ONE process with interleaved repeats (aft
 after, ...: the order turns each repeat), so that the load of other jobs hits all of them alike.
 
 Usage: python benchmarks/interleaved_steps.py --strategies darts pcdarts gdas proxyless --batch-size 16 --repeats 3
-       [--channels-last-rows darts] [--nni-channels-last] [--pre-speed]
+       [--channels-last-rows darts] [--nni-channels-last] [--pre-speed] [--channels-last-ops]
 
-* ``after``: the current code in NCHW (every exact shortcut, the shared ReLU of each edge);
+* ``after``: the current code in NCHW, as by default (every exact shortcut, the shared ReLU of each edge);
+  ``after+cl_ops`` (``--channels-last-ops``): the same with the two channels-last options on
+  (``MixedEdge.channels_last_inside``, ``MaxPool2d.via_channels_last``; off by default);
   ``after+channels_last``: the same in channels_last (``--channels-last-rows``, the CPU default of a search);
 * ``main``: the code of main 729daa5: the dilated depthwise rewrite off (``DepthwiseConv2d.fast_backward``), max
   pools in NCHW (``MaxPool2d.via_channels_last``), mixed edges in NCHW (``MixedEdge.channels_last_inside``), the
@@ -47,6 +49,9 @@ def unoptimised(level: str):
             if isinstance(module, MixedEdge):
                 module.zero_names = set()
         return built
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in [
+        (DepthwiseConv2d, 'fast_backward'), (MaxPool2d, 'via_channels_last'), (MixedEdge, 'channels_last_inside'),
+        (MixedEdge, 'share_relu'), (VariantLightningModule, 'skip_unread_gradients')]]
     DepthwiseConv2d.fast_backward = MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = False
     VariantLightningModule.frozen_weights = lambda self: contextlib.nullcontext()
     if level == 'before':
@@ -56,15 +61,33 @@ def unoptimised(level: str):
     try:
         yield
     finally:
-        DepthwiseConv2d.fast_backward = MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = True
+        for cls, name, value in saved:
+            setattr(cls, name, value)
         VariantLightningModule.frozen_weights = frozen_weights
-        MixedEdge.share_relu = True
-        VariantLightningModule.skip_unread_gradients = True
         bench.build_row_module = build
 
 
+@contextlib.contextmanager
+def channels_last_options():
+    """The two channels-last options (off by default) on: mixed edges in channels-last inside, max pools via it."""
+    from nni_darts_variants.strategies.base import MixedEdge
+    from search_spaces.ops import MaxPool2d
+    saved = MaxPool2d.via_channels_last, MixedEdge.channels_last_inside
+    MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = True
+    try:
+        yield
+    finally:
+        MaxPool2d.via_channels_last, MixedEdge.channels_last_inside = saved
+
+
+def _context(level: str | None):
+    if level == 'options':
+        return channels_last_options()
+    return unoptimised(level) if level else contextlib.nullcontext()
+
+
 def _print_medians(row: str, label: str, med: dict[str, float]) -> None:
-    pairs = [('after', 'main'), ('after+channels_last', 'main'), ('after+channels_last', 'after'), ('main', 'nni'),
+    pairs = [('after+cl_ops', 'nni'), ('after+cl_ops', 'after'), ('after', 'main'), ('after+channels_last', 'main'), ('after+channels_last', 'after'), ('main', 'nni'),
              ('after', 'nni'), ('after+channels_last', 'nni'), ('after+channels_last', 'nni+channels_last'),
              ('after', 'before'), ('nni+channels_last', 'nni'), ('after', 'nni@main'), ('nni', 'nni@main')]
     ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in pairs if k in med and b in med)
@@ -86,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument('--nni-main', action='store_true',
                         help="NNI's rows also on the operations as at main (nni@main)")
     parser.add_argument('--pre-speed', action='store_true', help='also the code before the speed work (before)')
+    parser.add_argument('--channels-last-ops', action='store_true',
+                        help='also ours with the channels-last options on (after+cl_ops)')
     parser.add_argument('--output', help='JSON of every measurement')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,6 +121,8 @@ def main(argv=None) -> int:
         variants = {'after': (row, cfg, None), 'main': (row, cfg, 'main')}
         if args.pre_speed:
             variants['before'] = (row, cfg, 'before')
+        if args.channels_last_ops:
+            variants['after+cl_ops'] = (row, cfg, 'options')
         if nni_row:
             variants['nni'] = (nni_row, cfg, None)
             if args.nni_main:
@@ -111,7 +138,7 @@ def main(argv=None) -> int:
             # the order turns each repeat, so that no variant always runs first (right after the row is imported)
             for key in keys[repeat % len(keys):] + keys[:repeat % len(keys)]:
                 name, c, level = variants[key]
-                with unoptimised(level) if level else contextlib.nullcontext():
+                with _context(level):
                     out = bench.measure_row(name, c)
                 if out['error']:
                     raise RuntimeError(f'{key}: {out["error"]}')

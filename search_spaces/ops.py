@@ -229,6 +229,20 @@ class MaxPool2d(nn.MaxPool2d):
         return super().forward(x)
 
 
+def _profile_as_parent(cls: type[nn.Module], parent: nn.Module) -> None:
+    """Give ``cls`` the shape-inference and FLOPs formulas NNI's profilers hold for the module ``parent`` stands for:
+    they look formulas up by exact type, so a subclass would otherwise fail shape inference (and count no FLOPs)."""
+    from nni.nas.profiler.pytorch.flops import find_flops_formula, register_flops_formula
+    from nni.nas.profiler.pytorch.utils.shape_formula import (find_shape_inference_formula,
+                                                              register_shape_inference_formula)
+    register_shape_inference_formula(cls, find_shape_inference_formula(parent))
+    register_flops_formula(cls, find_flops_formula(parent))
+
+
+_profile_as_parent(DepthwiseConv2d, nn.Conv2d(1, 1, 1))
+_profile_as_parent(MaxPool2d, nn.MaxPool2d(1))
+
+
 class PoolBN(nn.Sequential):
     """3x3 max or average pooling, followed by a batch norm in the search network."""
 

@@ -23,6 +23,7 @@ from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
 from nni_darts_variants.strategies.proxyless import ProxylessEdge
 from nni_darts_variants.testing import run_tiny_search, tiny_loaders, tiny_space
 from search_spaces import ProxylessSpace
+from search_spaces.ops import PRIMITIVES, build_op
 
 X_DIGITS = torch.randn(1, 1, 8, 8)
 
@@ -82,6 +83,17 @@ def test_nni_profilers_build_on_our_spaces(make):
     else:  # NNI counts every candidate edge of a DARTS cell, chosen or not: at least the frozen cell's
         assert flops.profile(sample) > conv_linear_macs(frozen, X_DIGITS)
         assert params.profile(sample) > frozen_params
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('name', PRIMITIVES)
+def test_nni_flops_of_each_candidate_count_every_convolution(name, stride):
+    """NNI finds formulas by exact type: our ``nn.Conv2d``/``nn.MaxPool2d`` subclasses (the dilated depthwise rewrite,
+    the channels-last pool) once failed its shape inference, and would have counted no FLOPs."""
+    op = build_op(name, 4, stride, affine=False, pool_bn=True)
+    x = torch.randn(2, 4, 8, 8)
+    flops = FlopsProfiler(op, x, count_normalization=False, count_activation=False, count_bias=False)
+    assert float(flops.expression) == conv_linear_macs(op, x)
 
 
 def test_nni_profilers_build_on_hub_nasbench201():
