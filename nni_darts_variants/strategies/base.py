@@ -134,8 +134,9 @@ class MixedEdge(LayerChoice, BaseSuperNetModule):
     #: NCHW (one copy in, one out, per edge): oneDNN's NHWC depthwise, pointwise and pooling kernels, forward and
     #: backward, are several times faster than its NCHW ones on the CPUs measured (README "Speed"). The same
     #: arithmetic in another summation order: equal within float rounding (``tests/test_speed.py``). An NHWC input
-    #: (``train.channels_last``), another device, tracing and compilation run as they are.
-    channels_last_inside: ClassVar[bool] = False
+    #: (``train.channels_last``), another device, tracing and compilation run as they are. On by default (our DARTS
+    #: step 0.60 of NNI's with it, 0.85 without, README "Speed"); PC-DARTS's edges set it off.
+    channels_last_inside: ClassVar[bool] = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (self.channels_last_inside and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
