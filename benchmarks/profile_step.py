@@ -41,7 +41,7 @@ def profile_row(row: str, cfg, top: int) -> str:
     events = [e for e in rec.prof.key_averages()]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: -e.self_cpu_time_total)
-    lines = [f'== {row}: {total / 1e3:.0f} ms self CPU in the step (loaded), {sum(e.count for e in events)} op calls']
+    lines = [f'== {row}: {total / 1e3:.0f} ms self CPU in the step, {sum(e.count for e in events)} op calls']
     for e in events[:top]:
         lines.append(f'{e.key:<45} {100 * e.self_cpu_time_total / total:5.1f}%  calls {e.count}')
     return '\n'.join(lines)
