@@ -5,10 +5,12 @@ after, ...: the order turns each repeat), so that the load of other jobs hits al
 Usage: python benchmarks/interleaved_steps.py --strategies darts pcdarts gdas proxyless --batch-size 16 --repeats 3
        [--channels-last-rows darts] [--nni-channels-last] [--pre-speed] [--channels-last-ops]
 
-* ``after``: the current code in NCHW, as by default (every exact shortcut, the shared ReLU of each edge);
-  ``after+cl_ops`` (``--channels-last-ops``): the same with the two channels-last options on
-  (``MixedEdge.channels_last_inside``, ``MaxPool2d.via_channels_last``; off by default);
-  ``after+channels_last``: the same in channels_last (``--channels-last-rows``, the CPU default of a search);
+* ``after``: the current code as by default: NCHW network, mixed edges computed in channels-last inside (every
+  exact shortcut, the shared ReLU of each edge);
+  ``after+cl_ops`` (``--channels-last-ops``): the same with the max pools' channels-last option on too
+  (``MaxPool2d.via_channels_last``, off by default; ``MixedEdge.channels_last_inside`` is on by default);
+  ``after+channels_last``: the whole network in channels_last (``--channels-last-rows``: ``train.channels_last``,
+  off by default);
 * ``main``: the code of main 729daa5: the dilated depthwise rewrite off (``DepthwiseConv2d.fast_backward``), max
   pools in NCHW (``MaxPool2d.via_channels_last``), mixed edges in NCHW (``MixedEdge.channels_last_inside``), the
   architecture step's weights not frozen (``VariantLightningModule.frozen_weights`` a no-op);
@@ -35,13 +37,26 @@ import torch
 
 
 @contextlib.contextmanager
+def _patched(*changes: tuple[object, str, object]):
+    """Set each ``(owner, name, value)`` (a class or module attribute defined on ``owner`` itself) for the block, and
+    put back what was there."""
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in changes]
+    for owner, name, value in changes:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 def unoptimised(level: str):
-    """``level`` 'main': this session's rewrite and freeze off; 'before': every shortcut off as well."""
+    """``level`` 'main': the last session's rewrite, channels-last edges and pools, and freeze off; 'before': every
+    shortcut off as well."""
     from nni_darts_variants import bench
     from nni_darts_variants.strategies.base import MixedEdge, VariantLightningModule
     from search_spaces.ops import DepthwiseConv2d, MaxPool2d
     build = bench.build_row_module
-    frozen_weights = VariantLightningModule.frozen_weights
 
     def build_without_zero_skip(row, cfg):
         built = build(row, cfg)
@@ -49,35 +64,20 @@ def unoptimised(level: str):
             if isinstance(module, MixedEdge):
                 module.zero_names = set()
         return built
-    saved = [(cls, name, cls.__dict__[name]) for cls, name in [
-        (DepthwiseConv2d, 'fast_backward'), (MaxPool2d, 'via_channels_last'), (MixedEdge, 'channels_last_inside'),
-        (MixedEdge, 'share_relu'), (VariantLightningModule, 'skip_unread_gradients')]]
-    DepthwiseConv2d.fast_backward = MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = False
-    VariantLightningModule.frozen_weights = lambda self: contextlib.nullcontext()
+    changes = [(DepthwiseConv2d, 'fast_backward', False), (MaxPool2d, 'via_channels_last', False),
+               (MixedEdge, 'channels_last_inside', False),
+               (VariantLightningModule, 'frozen_weights', lambda self: contextlib.nullcontext())]
     if level == 'before':
-        MixedEdge.share_relu = False
-        VariantLightningModule.skip_unread_gradients = False
-        bench.build_row_module = build_without_zero_skip
-    try:
-        yield
-    finally:
-        for cls, name, value in saved:
-            setattr(cls, name, value)
-        VariantLightningModule.frozen_weights = frozen_weights
-        bench.build_row_module = build
+        changes += [(MixedEdge, 'share_relu', False), (VariantLightningModule, 'skip_unread_gradients', False),
+                    (bench, 'build_row_module', build_without_zero_skip)]
+    return _patched(*changes)
 
 
-@contextlib.contextmanager
 def channels_last_options():
-    """The two channels-last options (off by default) on: mixed edges in channels-last inside, max pools via it."""
+    """Both channels-last switches on: the mixed edges' (on by default) and the max pools' (off by default)."""
     from nni_darts_variants.strategies.base import MixedEdge
     from search_spaces.ops import MaxPool2d
-    saved = MaxPool2d.via_channels_last, MixedEdge.channels_last_inside
-    MaxPool2d.via_channels_last = MixedEdge.channels_last_inside = True
-    try:
-        yield
-    finally:
-        MaxPool2d.via_channels_last, MixedEdge.channels_last_inside = saved
+    return _patched((MaxPool2d, 'via_channels_last', True), (MixedEdge, 'channels_last_inside', True))
 
 
 def _context(level: str | None):
@@ -87,7 +87,8 @@ def _context(level: str | None):
 
 
 def _print_medians(row: str, label: str, med: dict[str, float]) -> None:
-    pairs = [('after+cl_ops', 'nni'), ('after+cl_ops', 'after'), ('after', 'main'), ('after+channels_last', 'main'), ('after+channels_last', 'after'), ('main', 'nni'),
+    pairs = [('after+cl_ops', 'nni'), ('after+cl_ops', 'after'), ('after', 'main'), ('after+channels_last', 'main'),
+             ('after+channels_last', 'after'), ('main', 'nni'),
              ('after', 'nni'), ('after+channels_last', 'nni'), ('after+channels_last', 'nni+channels_last'),
              ('after', 'before'), ('nni+channels_last', 'nni'), ('after', 'nni@main'), ('nni', 'nni@main')]
     ratios = ', '.join(f'{k}/{b} {med[k] / med[b]:.2f}' for k, b in pairs if k in med and b in med)
