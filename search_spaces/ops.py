@@ -236,7 +236,9 @@ def _profile_as_parent(cls: type[nn.Module], parent: nn.Module) -> None:
     from nni.nas.profiler.pytorch.utils.shape_formula import (find_shape_inference_formula,
                                                               register_shape_inference_formula)
     register_shape_inference_formula(cls, find_shape_inference_formula(parent))
-    register_flops_formula(cls, find_flops_formula(parent))
+    flops = find_flops_formula(parent)
+    if flops is not None:  # NNI has none for pools: they count nothing, as an unregistered type does
+        register_flops_formula(cls, flops)
 
 
 _profile_as_parent(DepthwiseConv2d, nn.Conv2d(1, 1, 1))
